@@ -1,0 +1,497 @@
+"""The SambaY decoder-hybrid-decoder (Phi-4-mini-flash-reasoning), in plain PyTorch.
+
+    self-decoder:  Mamba / sliding-window attention, alternating, for layers 0 .. L/2-1
+                   layer L/2:   Mamba that also emits the shared memory y
+                   layer L/2+1: full attention that also emits the shared K/V
+    cross-decoder: GMU (reads the memory) / cross-attention (reads the K/V), alternating
+
+Module and parameter names follow the Hugging Face checkpoint (`model.layers.N.attn.A_log`, ...)
+so loading is `load_state_dict` with no renaming. Every mixer has one `forward` for any number of
+tokens, with or without a `DecodeState`; there is no separate decode code path to drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, SambaYConfig)
+from .errors import SambayError
+
+# Parameters kept in float32 whatever the model dtype, as in the released checkpoint.
+FP32_PARAMS = ("A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+class Positions:
+    """Where the current tokens sit: absolute positions (B, T) and which are real (not padding)."""
+
+    def __init__(self, pos: torch.Tensor, valid: torch.Tensor, state: DecodeState | None):
+        self.pos, self.valid, self.state = pos, valid, state
+
+    def select(self, keep: int) -> Positions:
+        return Positions(self.pos[:, -keep:], self.valid[:, -keep:], self.state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode state
+# ---------------------------------------------------------------------------------------------
+
+
+class DecodeState:
+    """Preallocated decode state for a batch of sequences, indexed by layer.
+
+    Mamba layers: conv window (B, d_conv-1, e) and SSM state (B, e, n) in float32.
+    SWA layers: K/V ring buffers holding the last `window` positions (slot = position % window).
+    The full-attention layer L/2+1: K/V of every position up to `max_length` (the only state that
+    grows); the cross-decoder reads it and owns nothing. `valid[b, p]` says position p of row b
+    holds a real token; `lengths[b]` how many positions row b has consumed. Rows can sit at different
+    lengths while decoding, which is what batching of ragged requests needs.
+    """
+
+    def __init__(self, model: SambaY, batch_size: int, max_length: int):
+        cfg = model.config
+        p = model.model.embed_tokens.weight
+        dtype, device = (p.dtype if p.dtype.is_floating_point else torch.float32), p.device
+        self.batch_size, self.max_length = batch_size, max_length
+        L = cfg.num_hidden_layers
+        self.conv: list[torch.Tensor | None] = [None] * L
+        self.ssm: list[torch.Tensor | None] = [None] * L
+        self.k: list[torch.Tensor | None] = [None] * L
+        self.v: list[torch.Tensor | None] = [None] * L
+        for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.model.layers)):
+            if kind in (MAMBA, MEMORY_MAMBA):
+                self.conv[i] = torch.zeros(batch_size, cfg.mamba_d_conv - 1, cfg.d_inner, dtype=dtype,
+                                           device=device)
+                self.ssm[i] = torch.zeros(batch_size, cfg.d_inner, cfg.mamba_d_state,
+                                          dtype=torch.float32, device=device)
+            elif kind in (SWA, KV_ATTENTION):
+                window = cfg.window_of(i)
+                slots = max_length if window is None else min(window, max_length)
+                kshape, vshape = layer.attn.cache_shapes(batch_size, slots)
+                self.k[i] = torch.zeros(kshape, dtype=dtype, device=device)
+                self.v[i] = torch.zeros(vshape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def rows(self, index: int | slice) -> DecodeState:
+        """A view of some rows: writing through it writes into this state (no copies)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        view = copy.copy(self)
+        for name in ("conv", "ssm", "k", "v"):
+            setattr(view, name, [None if t is None else t[index] for t in getattr(self, name)])
+        view.valid, view.lengths = self.valid[index], self.lengths[index]
+        view.batch_size = view.lengths.shape[0]
+        return view
+
+    def reset(self) -> None:
+        """Empty every row (K/V need no clearing: `valid` hides stale slots)."""
+        for t in self.conv + self.ssm:
+            if t is not None:
+                t.zero_()
+        self.valid.zero_()
+        self.lengths.zero_()
+
+    def nbytes(self) -> int:
+        tensors = [t for t in self.conv + self.ssm + self.k + self.v if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixers
+# ---------------------------------------------------------------------------------------------
+
+
+class Mamba(nn.Module):
+    """Mamba-1 selective SSM. The memory layer (L/2) also returns its SSM output y as the memory."""
+
+    def __init__(self, cfg: SambaYConfig, emits_memory: bool = False):
+        super().__init__()
+        d, e, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.dt_rank, cfg.mamba_d_conv
+        self.emits_memory = emits_memory
+        self.in_proj = nn.Linear(d, 2 * e, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(e, e, k, groups=e, bias=cfg.mamba_conv_bias)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, n, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, d, bias=cfg.mamba_proj_bias)
+        self.dt_rank, self.d_state = r, n
+
+    def forward(self, h, at: Positions, layer: int, memory=None):
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, e) each
+        mask = at.valid.unsqueeze(-1).to(x.dtype)
+        x = self._conv(x * mask, at, layer)  # padding must not enter the conv window or the state
+        x = F.silu(x) * mask
+        dt_low, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        A = -torch.exp(self.A_log.float())
+        state = at.state.ssm[layer] if at.state is not None else None
+        args = (x.float(), dt, A, Bm.float(), Cm.float(), self.D.float())
+        if x.shape[1] == 1 and state is not None:
+            y = ops.selective_state_step(*(a[:, 0] if a.dim() == 3 else a for a in args), state)
+            y = y.unsqueeze(1)
+        else:
+            y, final = ops.selective_scan(*args, state=state)
+            if state is not None:
+                state.copy_(final)
+        out = self.out_proj((y * F.silu(z.float())).to(h.dtype))
+        return out, (y if self.emits_memory else memory)
+
+    def _conv(self, x, at: Positions, layer: int):
+        """Causal depthwise conv, left-padded by the state's window (or zeros)."""
+        k = self.conv1d.weight.shape[-1]
+        state = at.state.conv[layer] if at.state is not None else None
+        window = state if state is not None else x.new_zeros(x.shape[0], k - 1, x.shape[2])
+        xt = torch.cat([window.to(x.dtype), x], dim=1)  # (B, k-1+T, e)
+        if state is not None:
+            state.copy_(xt[:, -(k - 1):])
+        T = x.shape[1]
+        w = self.conv1d.weight[:, 0, :]  # (e, k)
+        out = sum(xt[:, j:j + T] * w[:, j] for j in range(k))
+        return out + self.conv1d.bias if self.conv1d.bias is not None else out
+
+
+class GatedMemoryUnit(nn.Module):
+    """Gated memory unit: out_proj(silu(in_proj(x)) * memory); no state of its own."""
+
+    def __init__(self, cfg: SambaYConfig):
+        super().__init__()
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.d_inner, bias=False)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=False)
+
+    def forward(self, h, at: Positions, layer: int, memory):
+        return self.out_proj(F.silu(self.in_proj(h)) * memory.to(h.dtype)), memory
+
+
+class DiffLambda(nn.Module):
+    """The differential-attention parameters (named `inner_cross_attn` in the checkpoint)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            setattr(self, name, nn.Parameter(torch.empty(head_dim, dtype=torch.float32)))
+        self.subln = nn.RMSNorm(2 * head_dim, eps=1e-5)
+
+
+class Attention(nn.Module):
+    """Self-, full- or cross-attention, differential (pairs of heads) or plain.
+
+    K/V are kept in a "cache layout" in every case, fresh or cached, so there is one attend path:
+    differential: K (B, Hkv, S, hd) with heads ordered [even..., odd...], V (B, Hkv/2, S, 2hd)
+    with head pairs side by side; plain: K, V (B, Hkv, S, hd).
+    """
+
+    def __init__(self, cfg: SambaYConfig, layer: int, cross: bool):
+        super().__init__()
+        H, Hkv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.H, self.Hkv, self.hd, self.cross = H, Hkv, hd, cross
+        self.window = cfg.window_of(layer)
+        self.diff = cfg.differential_attention
+        self.lambda_init = cfg.lambda_init(layer)
+        self.dropout = cfg.attention_dropout
+        self.Wqkv = nn.Linear(d, (H if cross else H + 2 * Hkv) * hd, bias=True)
+        self.out_proj = nn.Linear(H * hd, d, bias=True)
+        if self.diff:
+            self.inner_cross_attn = DiffLambda(hd)
+
+    def cache_shapes(self, batch: int, slots: int):
+        if self.diff:
+            return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv // 2, slots, 2 * self.hd)
+        return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv, slots, self.hd)
+
+    def to_cache_layout(self, k, v):
+        """k, v (B, T, Hkv, hd) -> cache layout (see class docstring)."""
+        B, T = k.shape[:2]
+        if self.diff:
+            k = torch.cat([k[:, :, 0::2], k[:, :, 1::2]], dim=2)
+            v = v.reshape(B, T, self.Hkv // 2, 2 * self.hd)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, h, at: Positions, layer: int, shared_kv=None):
+        B, T, _ = h.shape
+        qkv = self.Wqkv(h)
+        q = qkv[..., : self.H * self.hd].view(B, T, self.H, self.hd)
+        if self.cross:
+            k, v, k_pos, k_valid = shared_kv
+        else:
+            kv = qkv[..., self.H * self.hd:].view(B, T, 2 * self.Hkv, self.hd)
+            k, v = self.to_cache_layout(kv[:, :, : self.Hkv], kv[:, :, self.Hkv:])
+            k, v, k_pos, k_valid = self._with_cache(k, v, at, layer)
+        o = self._attend(q, k, v, at.pos, k_pos, k_valid)
+        out = self.out_proj(o.to(h.dtype))
+        return out, ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
+
+    def _with_cache(self, k, v, at: Positions, layer: int):
+        """Merge fresh K/V (cache layout) with the state's; returns keys, values, positions, validity."""
+        state = at.state
+        if state is None:
+            return k, v, at.pos, at.valid
+        kc, vc = state.k[layer], state.v[layer]
+        slots, T = kc.shape[2], k.shape[2]
+        start = at.pos[:, 0]  # (B,) first new position of each row
+        if self.window is None or slots == state.max_length:  # slot = position
+            _write(kc, vc, k, v, start, slots)
+            used = int(at.pos.max()) + 1
+            pos = torch.arange(used, device=k.device).expand(k.shape[0], used)
+            return kc[:, :, :used], vc[:, :, :used], pos, state.valid[:, :used]
+        # Ring buffer of the last `slots` positions.
+        if T == 1:  # decode: write first, then the ring is exactly the window
+            _write(kc, vc, k, v, start, slots)
+            ring_pos = _ring_positions(start + 1, slots)
+            return kc, vc, ring_pos, _gather_valid(state.valid, ring_pos)
+        ring_pos = _ring_positions(start, slots)
+        keys = torch.cat([kc, k], dim=2)
+        vals = torch.cat([vc, v], dim=2)
+        pos = torch.cat([ring_pos, at.pos], dim=1)
+        valid = torch.cat([_gather_valid(state.valid, ring_pos), at.valid], dim=1)
+        keep = min(T, slots)
+        _write(kc, vc, k[:, :, -keep:], v[:, :, -keep:], start + T - keep, slots)
+        return keys, vals, pos, valid
+
+    def _attend(self, q, k, v, q_pos, k_pos, k_valid):
+        drop = self.dropout if self.training else 0.0
+        B, T = q.shape[:2]
+        if not self.diff:
+            o = ops.attention(q.transpose(1, 2), k, v, q_pos, k_pos, k_valid, self.window, drop)
+            return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
+        half = self.Hkv // 2
+        q1, q2 = q[:, :, 0::2].transpose(1, 2), q[:, :, 1::2].transpose(1, 2)  # (B, H/2, T, hd)
+        a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop)
+        a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop)
+        p = self.inner_cross_attn
+        lam = (torch.exp(torch.dot(p.lambda_q1.float(), p.lambda_k1.float()))
+               - torch.exp(torch.dot(p.lambda_q2.float(), p.lambda_k2.float())) + self.lambda_init)
+        o = a1.float() - lam * a2.float()  # (B, H/2, T, 2hd)
+        o = F.rms_norm(o, (2 * self.hd,), p.subln.weight.float(), p.subln.eps) * (1 - self.lambda_init)
+        return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
+
+
+def _ring_positions(length: torch.Tensor, slots: int) -> torch.Tensor:
+    """Position held by each ring slot once `length` (B,) positions were written; < 0 if none."""
+    last = length.unsqueeze(1) - 1
+    s = torch.arange(slots, device=length.device)
+    return last - torch.remainder(last - s, slots)
+
+
+def _gather_valid(valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return (pos >= 0) & valid.gather(1, pos.clamp(min=0))
+
+
+def _write(kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
+    """Write T fresh positions per row, starting at start[b], into slots position % slots."""
+    T = k.shape[2]
+    if T == 1:
+        rows = torch.arange(kc.shape[0], device=kc.device)
+        slot = torch.remainder(start, slots)
+        kc[rows, :, slot] = k[:, :, 0]
+        vc[rows, :, slot] = v[:, :, 0]
+        return
+    s0 = int(start[0])
+    if not bool((start == s0).all()):
+        raise SambayError("a multi-token call with a state needs every row at the same length; "
+                          "prefill rows of different lengths one at a time with state.rows(i)")
+    idx = torch.remainder(torch.arange(s0, s0 + T, device=kc.device), slots)
+    kc[:, :, idx] = k
+    vc[:, :, idx] = v
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and model
+# ---------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SambaYConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, h):
+        gate, up = self.fc1(h).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: SambaYConfig, layer: int):
+        super().__init__()
+        self.index, self.kind = layer, cfg.layer_kinds[layer]
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if self.kind in (MAMBA, MEMORY_MAMBA):
+            self.attn = Mamba(cfg, emits_memory=self.kind == MEMORY_MAMBA)
+        elif self.kind == GMU:
+            self.attn = GatedMemoryUnit(cfg)
+        else:
+            self.attn = Attention(cfg, layer, cross=self.kind == CROSS_ATTENTION)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, h, at: Positions, carry):
+        """h: float32 residual stream (B, T, d). `carry` is the shared memory for Mamba/GMU layers and
+        the shared K/V for attention layers; each layer passes on what the next of its kind needs."""
+        dtype = self.input_layernorm.weight.dtype
+        mixed, carry = self.attn(self.input_layernorm(h.to(dtype)), at, self.index, carry)
+        h = h + self.resid_dropout(mixed).float()
+        h = h + self.resid_dropout(self.mlp(self.post_attention_layernorm(h.to(dtype)))).float()
+        return h, carry
+
+
+class SambaYModel(nn.Module):
+    def __init__(self, cfg: SambaYConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_dropout = nn.Dropout(cfg.embd_pdrop)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class SambaY(nn.Module):
+    """The causal LM. `model(ids)` -> logits (B, T, V); with `state=` it prefills or decodes."""
+
+    def __init__(self, config: SambaYConfig):
+        super().__init__()
+        self.config = config
+        self.model = SambaYModel(config)
+        # None: the output head is the (tied) embedding. Quantization may install its own module.
+        self.lm_head: nn.Module | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.final_layernorm.weight.dtype
+
+    def new_state(self, batch_size: int = 1, max_length: int | None = None) -> DecodeState:
+        max_length = max_length or self.config.max_position_embeddings
+        return DecodeState(self, batch_size, max_length)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                state: DecodeState | None = None, logits_to_keep: int | None = None,
+                output_hidden_states: bool = False):
+        """input_ids (B, T). attention_mask (B, T): 0 marks left padding.
+
+        Without a state: one causal forward; logits for all T positions unless `logits_to_keep`.
+        With a state: consumes the tokens after those it holds and returns the logits of the last
+        `logits_to_keep` (default 1) positions; only those go through the cross-decoder.
+        """
+        B, T = input_ids.shape
+        cfg = self.config
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(torch.bool))
+        if state is None:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+            keep = T if logits_to_keep in (None, 0) else logits_to_keep
+        else:
+            pos = self._claim_positions(state, valid)
+            keep = 1 if logits_to_keep is None else (T if logits_to_keep == 0 else logits_to_keep)
+        at = Positions(pos, valid, state)
+        if keep < 1 or keep > T:
+            raise SambayError(f"logits_to_keep must be between 1 and the number of tokens ({T}), got {keep}")
+
+        h = self.model.embed_dropout(self.model.embed_tokens(input_ids)).float()
+        hidden = [h] if output_hidden_states else None
+        memory = kv = None
+        for layer in self.model.layers:
+            if layer.index == cfg.kv_layer + 1 and keep < T:  # cross-decoder: wanted positions only
+                h, memory, at = h[:, -keep:], memory[:, -keep:], at.select(keep)
+            if layer.kind in (MAMBA, MEMORY_MAMBA, GMU):
+                h, memory = layer(h, at, memory)
+            else:
+                h, kv = layer(h, at, kv)
+            if hidden is not None:
+                hidden.append(h)
+        h = self.model.final_layernorm(h.to(self.dtype))
+        if hidden is not None:
+            hidden[-1] = h
+        logits = self.logits(h)
+        if state is not None:
+            state.lengths += T
+        return (logits, hidden) if output_hidden_states else logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(h).float()
+        return F.linear(h, self.model.embed_tokens.weight).float()
+
+    def _claim_positions(self, state: DecodeState, valid: torch.Tensor) -> torch.Tensor:
+        """Check the call fits the state, mark the new positions valid, and return them (B, T)."""
+        B, T = valid.shape
+        if B != state.batch_size:
+            raise SambayError(f"input has batch size {B} but the state was made for {state.batch_size}")
+        if T > 1 and not bool((state.lengths == state.lengths[0]).all()):
+            raise SambayError("a multi-token call with a state needs every row at the same length; "
+                              "prefill rows of different lengths one at a time with state.rows(i)")
+        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise SambayError("attention_mask may only mark padding at the start of a row (left padding)")
+        if not bool(valid.all()) and bool((state.lengths > 0).any()):
+            raise SambayError("padding is only allowed in the first call on a state (the prompt)")
+        end = int(state.lengths.max()) + T
+        if end > state.max_length:
+            raise SambayError(f"the sequence would reach {end} tokens but the state holds at most "
+                              f"{state.max_length}; make the state with a larger max_length")
+        pos = state.lengths.unsqueeze(1) + torch.arange(T, device=valid.device)
+        state.valid.scatter_(1, pos, valid)
+        return pos
+
+    # ---- construction ----------------------------------------------------------------------------
+    def init_weights(self, seed: int = 0) -> SambaY:
+        """Random initialization for training from scratch (Mamba's own init for its SSM parts)."""
+        g = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            _init_param(name, p, std, self.config, g)
+        return self
+
+
+@torch.no_grad()
+def _init_param(name: str, p: torch.Tensor, std: float, cfg: SambaYConfig, g: torch.Generator) -> None:
+    def normal(mean: float, s: float):
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s + mean)
+
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "A_log":  # A = -(1..n) per channel, the S4D-real init
+        p.copy_(torch.log(torch.arange(1, p.shape[1] + 1, dtype=torch.float32)).expand_as(p))
+    elif leaf == "D":
+        p.fill_(1.0)
+    elif name.endswith("dt_proj.bias"):  # softplus^-1 of dt log-uniform in [1e-3, 1e-1]
+        u = torch.rand(p.shape, generator=g)
+        dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        p.copy_(dt + torch.log(-torch.expm1(-dt)))
+    elif name.endswith("dt_proj.weight"):
+        r = cfg.dt_rank ** -0.5
+        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * r)
+    elif leaf.startswith("lambda_"):
+        normal(0.0, 0.1)
+    elif name.endswith("conv1d.weight"):
+        k = p.shape[-1]
+        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / math.sqrt(k))
+    elif leaf == "bias":
+        p.zero_()
+    elif "layernorm" in name or "subln" in name:
+        p.fill_(1.0)
+    elif name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+        normal(0.0, std / math.sqrt(2 * cfg.num_hidden_layers))  # scaled residual projections
+    else:
+        normal(0.0, std)
+
+
+def build_model(config: SambaYConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                init: bool = True, seed: int = 0) -> SambaY:
+    """Build a model without a float32 detour: allocate on the meta device, then materialize
+    directly in `dtype` (a 3.8B-parameter bf16 model needs 7.7 GB, not 15 GB first)."""
+    with torch.device("meta"):
+        model = SambaY(config)
+    if device == "meta":  # shapes only; the checkpoint loader assigns the real tensors
+        return model
+    model = model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        want = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+        if p.dtype != want:
+            p.data = torch.empty(p.shape, dtype=want, device=device)
+    if init:
+        model.init_weights(seed)
+    return model.eval()
