@@ -16,9 +16,11 @@ from .errors import SambayError
 
 # Modules that contribute subcommands, in the order they appear in `sambay --help`.
 COMMAND_MODULES = [
-    "sambay.commands",
-    "sambay.data",
-    "sambay.train",
+    "sambay.commands",  # info
+    "sambay.generate_cli",  # generate, chat
+    "sambay.data",  # prepare
+    "sambay.train",  # train
+    "sambay.bench",  # bench
 ]
 
 
