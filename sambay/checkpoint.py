@@ -81,7 +81,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
     where = resolve_model(path)
     if isinstance(where, str):  # a preset: random weights, built straight in the target dtype
         cfg = preset(where)
-        model = build_model(cfg, dtype or torch.float32, init=True, seed=seed)
+        model = build_model(cfg, dtype or torch.float32, init=True, seed=seed, fast_init=True)
         model.generation_config = {}
         model.source = f"preset {where} (random weights)"
         return model
@@ -89,7 +89,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
     if dtype is None:
         dtype = getattr(torch, str(cfg.torch_dtype), torch.float32)
     if random_weights:
-        model = build_model(cfg, dtype, init=True, seed=seed)
+        model = build_model(cfg, dtype, init=True, seed=seed, fast_init=True)
     else:
         model = build_model(cfg, dtype, device="meta")
         _load_weights(model, where, dtype)

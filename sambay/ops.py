@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 
 def selective_state_step(x, dt, A, Bm, Cm, D, state):
-    """One step of the recurrence, in place on `state`. x, dt (B, e); Bm, Cm (B, n). Returns y (B, e).
+    """One decode step, updating `state` in place. x, dt (B, e); Bm, Cm (B, n). Returns y (B, e).
 
     s_t = exp(dt A) * s_{t-1} + (dt x) outer B;   y_t = s_t . C + D x
     """
@@ -32,8 +32,12 @@ def selective_state_step(x, dt, A, Bm, Cm, D, state):
 def selective_scan_ref(x, dt, A, Bm, Cm, D, state=None):
     """Reference: a plain loop over time. Returns (y (B, T, e), final state (B, e, n))."""
     Bsz, T, e = x.shape
-    s = x.new_zeros(Bsz, e, A.shape[1]) if state is None else state.clone()
-    ys = [selective_state_step(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], D, s) for t in range(T)]
+    s = x.new_zeros(Bsz, e, A.shape[1]) if state is None else state
+    ys = []
+    for t in range(T):
+        dA = torch.exp(dt[:, t, :, None] * A)  # (B, e, n)
+        s = dA * s + (dt[:, t] * x[:, t])[:, :, None] * Bm[:, t, None, :]
+        ys.append((s * Cm[:, t, None, :]).sum(-1) + D * x[:, t])
     return torch.stack(ys, dim=1), s
 
 

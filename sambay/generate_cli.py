@@ -1,0 +1,226 @@
+"""`sambay generate` (one prompt, streamed) and `sambay chat` (an interactive conversation).
+
+    sambay generate "Write a haiku about CPUs." --chat --max-new-tokens 64
+    sambay chat --model path/to/Phi-4-mini-flash-reasoning --system "Be brief."
+
+Both load a model folder (or a Hugging Face repo, or a preset with --random-weights) and its
+tokenizer, print the text as it is generated, and take the same sampling flags. Sampling flags
+left out fall back to the checkpoint's generation_config.json (Phi-4-mini-flash: temperature 0.6,
+top_p 0.95), else greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import SambayError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def register(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                                description="Generate a continuation of PROMPT (or, with --chat, a "
+                                            "chat reply to it), streamed to stdout; stats go to stderr.")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    _model_flags(gen)
+    _sampling_flags(gen)
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser("chat", help="chat with a model in the terminal",
+                                 description="Interactive chat: type a message, get a streamed reply. "
+                                             "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C "
+                                             "stops the current reply.")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message to start with")
+    _model_flags(chat)
+    _sampling_flags(chat)
+    chat.set_defaults(func=run_chat)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH|REPO|PRESET",
+                   help="model folder, Hugging Face repo id or preset (default: the embedded model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="quantize the weights after loading")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of the model's shape (needed for a preset)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"most tokens to generate per reply (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 = greedy (default: the checkpoint's generation_config, else 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely ids")
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop ids less likely than P times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="Hugging Face repetition penalty (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="X", help="OpenAI presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="OpenAI frequency penalty")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop before this string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace, generation_config: dict | None):
+    """The flags, with what they leave out taken from generation_config.json.
+
+    A checkpoint's temperature/top_p/top_k apply unless its do_sample is false. Asking for a
+    sampling filter (top-p, top-k, min-p) without any temperature means temperature 1.
+    """
+    from .sampling import SamplingParams
+
+    gen = dict(generation_config or {})
+    if gen.get("do_sample") is False:
+        gen = {}
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature")
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
+    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 0)
+    min_p = args.min_p if args.min_p is not None else gen.get("min_p", 0.0)
+    if temperature is None:
+        asked = args.top_p is not None or args.top_k is not None or args.min_p is not None
+        temperature = 1.0 if asked else 0.0
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+        top_k=int(top_k or 0), min_p=float(min_p or 0.0), repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        seed=args.seed, stop=list(args.stop),
+    ).validate()
+
+
+def load(args: argparse.Namespace):
+    """Load the model and tokenizer named by the flags, reporting progress on stderr."""
+    import torch
+
+    from .checkpoint import load_model, resolve_model
+
+    where = resolve_model(args.model)
+    preset_name = where if isinstance(where, str) else None
+    if preset_name and not args.random_weights:
+        raise SambayError(f"{preset_name!r} is a preset: it has no trained weights; add --random-weights "
+                          f"to run it with random ones, or pass a model folder with --model")
+    label = f"preset {preset_name}" if preset_name else str(where)
+    print(f"loading {label} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_model(where, dtype=dtype, random_weights=args.random_weights)
+    tokenizer = _load_tokenizer(where, model)
+    if args.quantize:
+        try:
+            from .quant import quantize_model
+        except ModuleNotFoundError as e:
+            if e.name != "sambay.quant":
+                raise
+            raise SambayError("--quantize int8 is not available: this install has no sambay.quant") from None
+        model = quantize_model(model)
+    extra = f", {args.quantize}" if args.quantize else ""
+    print(f"loaded in {time.perf_counter() - start:.1f} s ({model.dtype}{extra})", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def _load_tokenizer(where, model):
+    try:
+        from .tokenizer import load_tokenizer
+    except ModuleNotFoundError as e:
+        if e.name != "sambay.tokenizer":
+            raise
+        raise SambayError("text generation needs sambay.tokenizer, which this install lacks") from None
+    if isinstance(where, str):  # a preset has no tokenizer files; only the Phi-4 vocabulary fits one
+        if model.config.vocab_size < 200029:
+            raise SambayError(f"preset {where!r} has no tokenizer (vocab {model.config.vocab_size}); text "
+                              f"generation needs a model folder with tokenizer files")
+        return load_tokenizer("phi4")
+    return load_tokenizer(where)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _safe_stdout() -> None:
+    # A reply can hold any character; a pipe with a narrow locale must not crash the command.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    sampling_params(args, None)  # bad flags fail before a slow load
+    model, tokenizer = load(args)
+    params = sampling_params(args, model.generation_config)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
+    _safe_stdout()
+    stream = Engine(model, tokenizer).stream_text(prompt, params)
+    try:
+        for piece in stream:
+            _write(piece)
+    finally:
+        stream.close()
+        _write("\n")
+    print(stream.stats.summary(), file=sys.stderr, flush=True)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    sampling_params(args, None)  # bad flags fail before a slow load
+    model, tokenizer = load(args)
+    params = sampling_params(args, model.generation_config)
+    engine = Engine(model, tokenizer)
+    interactive = sys.stdin.isatty()
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    _safe_stdout()
+    if interactive:
+        print("type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply",
+              file=sys.stderr, flush=True)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D quits)", file=sys.stderr, flush=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr, flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        try:
+            stream = engine.stream_text(prompt, params)
+        except SambayError as e:  # e.g. the conversation outgrew the context: keep the program alive
+            history.pop()
+            print(f"sambay: error: {e}; /reset starts a new conversation", file=sys.stderr, flush=True)
+            continue
+        try:
+            for piece in stream:
+                _write(piece)
+        except KeyboardInterrupt:
+            stream.close()
+            print("\n(reply stopped)", file=sys.stderr, flush=True)
+        _write("\n")
+        history.append({"role": "assistant", "content": stream.text})
