@@ -111,6 +111,9 @@ class Event:
 
 @dataclass
 class Request:
+    """One request's bookkeeping. finish_reason: None while running, then "stop", "length" or
+    "cancelled". `slot` is its row in the engine's state (-1 once it left)."""
+
     request_id: Any
     prompt_ids: list[int]
     params: SamplingParams
@@ -168,12 +171,6 @@ class Engine:
     def free_slots(self) -> int:
         return self.max_batch_size - len(self.active)
 
-    def capacity(self) -> int:
-        """Tokens (prompt + output) one request may use right now."""
-        if self.state is not None and (self.active or self.max_length is not None):
-            return self.state.max_length
-        return self.model.config.max_position_embeddings
-
     @torch.no_grad()
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
                     request_id: Any = None) -> Request:
@@ -185,6 +182,8 @@ class Engine:
         V = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= V:
             raise SambayError(f"prompt token ids must be in [0, {V}), got {min(prompt)}..{max(prompt)}")
+        if request_id is not None and any(r.request_id == request_id for r in self.active):
+            raise SambayError(f"request id {request_id!r} is already active; give each request its own id")
         if not self.free_slots:
             raise SambayError(f"the engine is full ({self.max_batch_size} active requests); wait for "
                               f"one to finish or make the Engine with a larger max_batch_size")
@@ -412,12 +411,15 @@ class TextStream:
                 for ev in self.engine.step():
                     if ev.request_id != self.request.request_id:
                         continue
-                    hit_stop_id = ev.finish_reason == "stop"
-                    piece = self.stops.push("" if hit_stop_id else self.decoder.push(ev.token_id))
+                    # A stop id ends the request (finish_reason "stop") and its text is not shown.
+                    text = "" if ev.finish_reason == "stop" else self.decoder.push(ev.token_id)
                     if ev.finished:
-                        piece += self.stops.push(self.decoder.flush()) + self.stops.flush()
-                    elif self.stops.stopped:
-                        self.engine.cancel(self.request)
+                        text += self.decoder.flush()
+                    piece = self.stops.push(text)
+                    if ev.finished:
+                        piece += self.stops.flush()
+                    if self.stops.stopped:
+                        self.engine.cancel(self.request)  # a no-op if it just finished anyway
                         self.request.finish_reason = "stop"
                     if piece:
                         self.text += piece
@@ -465,6 +467,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """
     params = _params(max_new_tokens, temperature, top_p, top_k, seed,
                      None if stop_token_ids is None else [int(i) for i in stop_token_ids], more_sampling)
+    if params.stop:
+        raise SambayError("stop strings need a tokenizer: use sambay.engine.stream(model, tokenizer, ...) "
+                          "or Engine.stream_text; generate() works on token ids (use stop_token_ids)")
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

@@ -122,7 +122,8 @@ def load(args: argparse.Namespace):
             raise SambayError("--quantize int8 is not available: this install has no sambay.quant") from None
         model = quantize_model(model)
     extra = f", {args.quantize}" if args.quantize else ""
-    print(f"loaded in {time.perf_counter() - start:.1f} s ({model.dtype}{extra})", file=sys.stderr, flush=True)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    print(f"loaded in {time.perf_counter() - start:.1f} s ({dtype_name}{extra})", file=sys.stderr, flush=True)
     return model, tokenizer
 
 
@@ -210,17 +211,21 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        stream = None
         try:
-            stream = engine.stream_text(prompt, params)
+            stream = engine.stream_text(prompt, params)  # prefills the whole conversation
+            for piece in stream:
+                _write(piece)
         except SambayError as e:  # e.g. the conversation outgrew the context: keep the program alive
             history.pop()
             print(f"sambay: error: {e}; /reset starts a new conversation", file=sys.stderr, flush=True)
             continue
-        try:
-            for piece in stream:
-                _write(piece)
-        except KeyboardInterrupt:
-            stream.close()
+        except KeyboardInterrupt:  # stops this reply only
             print("\n(reply stopped)", file=sys.stderr, flush=True)
+            if stream is None:  # still reading the prompt: forget the turn
+                engine.reset()
+                history.pop()
+                continue
+            stream.close()
         _write("\n")
         history.append({"role": "assistant", "content": stream.text})
