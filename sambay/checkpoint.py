@@ -20,6 +20,7 @@ from .config import PRESETS, SambaYConfig, preset
 from .errors import SambayError
 from .io_utils import atomic_path, atomic_write_text
 from .model import FP32_PARAMS, SambaY, build_model
+from .quant import QUANT_METHOD, int8_skeleton
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,11 +89,17 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
     cfg = SambaYConfig.from_json(where / "config.json")
     if dtype is None:
         dtype = getattr(torch, str(cfg.torch_dtype), torch.float32)
+    quant = (cfg.extra.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, QUANT_METHOD):
+        raise SambayError(f"{where} is quantized with {quant!r}, which sambay cannot load; use the "
+                          f"unquantized checkpoint (sambay quantizes it itself with --quantize int8)")
     if random_weights:
         model = build_model(cfg, dtype, init=True, seed=seed, fast_init=True)
     else:
         model = build_model(cfg, dtype, device="meta")
-        _load_weights(model, where, dtype)
+        if quant:
+            int8_skeleton(model)
+        _load_weights(model, where)
     model.generation_config = _read_json(where / "generation_config.json")
     model.source = str(where)
     return model.eval()
@@ -139,10 +146,13 @@ def _open(file: Path):
                           f"re-download or re-export it") from None
 
 
-def _load_weights(model: SambaY, folder: Path, dtype: torch.dtype) -> None:
+def _load_weights(model: SambaY, folder: Path) -> None:
+    """Assign the checkpoint's tensors to a meta-device model, converting to its dtypes."""
     expected = {k: v for k, v in model.state_dict().items()}
     files = weight_files(folder)
-    names = set(files) - {"lm_head.weight"}  # a tied head may be stored too; the embedding is used
+    names = set(files)
+    if "lm_head.weight" not in expected:  # a tied head may be stored too; the embedding is used
+        names.discard("lm_head.weight")
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
@@ -165,7 +175,10 @@ def _load_weights(model: SambaY, folder: Path, dtype: torch.dtype) -> None:
             raise SambayError(f"tensor {name} in {file.name} has shape {list(t.shape)}, but config.json "
                               f"implies {list(want.shape)}; the config and the weights do not belong "
                               f"together")
-        loaded[name] = t.to(torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype)
+        if t.dtype != want.dtype and (t.dtype == torch.int8) != (want.dtype == torch.int8):
+            raise SambayError(f"tensor {name} in {file.name} is {t.dtype}, expected {want.dtype}; "
+                              f"the config's quantization_config and the weights disagree")
+        loaded[name] = t.to(want.dtype)
     model.load_state_dict(loaded, strict=True, assign=True)
 
 
@@ -180,9 +193,13 @@ def save_model(model: SambaY, folder: str | os.PathLike, max_shard_bytes: int = 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     dtype = dtype or model.dtype
+    quantized = getattr(model, "quantization", None)
     state = {}
     for name, t in model.state_dict().items():
-        if name.startswith("lm_head."):
+        if name.startswith("lm_head.") and not quantized:
+            continue
+        if t.dtype == torch.int8 or name.endswith("weight_scale"):
+            state[name] = t.detach().contiguous()
             continue
         keep32 = name.rsplit(".", 1)[-1] in FP32_PARAMS
         state[name] = t.detach().to(torch.float32 if keep32 else dtype).contiguous()
@@ -210,6 +227,12 @@ def save_model(model: SambaY, folder: str | os.PathLike, max_shard_bytes: int = 
         atomic_write_text(folder / INDEX_FILE, json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     saved_cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
+    if quantized:
+        saved_cfg.extra = {**saved_cfg.extra, "quantization_config": {
+            "quant_method": QUANT_METHOD, "bits": 8, "scheme": "symmetric per-output-row",
+            "modules": "all linear layers except dt_proj, plus the output head (lm_head)"}}
+    else:
+        saved_cfg.extra = {k: v for k, v in saved_cfg.extra.items() if k != "quantization_config"}
     saved_cfg.to_json(folder / "config.json")
     gen = dict(getattr(model, "generation_config", None) or {})
     gen.setdefault("bos_token_id", cfg.bos_token_id)

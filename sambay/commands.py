@@ -1,9 +1,10 @@
-"""`sambay info`: what a model is, without loading its weights."""
+"""`sambay info` (what a model is, without loading its weights) and `sambay quantize`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, SambaYConfig,
                      preset)
@@ -89,3 +90,49 @@ def register(sub) -> None:
     p.add_argument("--preset", help="same as --model with a preset name, e.g. phi4-mini-flash")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run_info)
+
+    q = sub.add_parser("quantize", help="write an int8 weight-only copy of a model that loads fast",
+                       description="Quantize every linear layer and the output head to int8 (one scale "
+                                   "per output row) and save a checkpoint that loads without "
+                                   "re-quantizing.")
+    q.add_argument("--model", help="model folder or Hugging Face repo id (default: embedded model)")
+    q.add_argument("--out", required=True, help="folder to write")
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the parts that stay unquantized (norms, embedding, Mamba SSM)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import shutil
+    import sys
+    import time
+
+    import torch
+
+    from .checkpoint import load_model, resolve_model, save_model
+    from .errors import SambayError
+    from .quant import quantize_model
+
+    where = resolve_model(args.model)
+    if isinstance(where, str):
+        raise SambayError(f"{where!r} is a preset without trained weights; quantize a model folder")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SambayError(f"{out} exists and is not empty; choose another --out or add --overwrite")
+    t = time.perf_counter()
+    print(f"loading {where} ...", file=sys.stderr, flush=True)
+    model = load_model(where, dtype=getattr(torch, args.dtype))
+    if getattr(model, "quantization", None):
+        raise SambayError(f"{where} is already quantized ({model.quantization})")
+    print("quantizing every linear layer and the head to int8 ...", file=sys.stderr, flush=True)
+    quantize_model(model)
+    save_model(model, out)
+    for f in where.iterdir():  # tokenizer and other side files travel with the weights
+        if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens",
+                                                "added_tokens", "chat_template"))):
+            shutil.copy2(f, out / f.name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s; load it with "
+          f"--model {out}", file=sys.stderr)
+    return 0

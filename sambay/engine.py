@@ -317,28 +317,11 @@ class Engine:
         i = self.active.index(req)
         last = self.active.pop()
         if last is not req:
-            _move_row(self.state, last.slot, i)
+            self.state.copy_row(last.slot, i)
             last.slot = i
             self.active[i] = last
         req.slot = -1
         req.logits = None
-
-
-def _move_row(state, src: int, dst: int) -> None:
-    """Copy row `src` of a DecodeState into row `dst`. Only the slots that hold positions are
-    copied: the full-attention K/V has max_length slots, of which `lengths[src]` are used."""
-    used = int(state.lengths[src])
-    for name in ("conv", "ssm"):
-        for t in getattr(state, name):
-            if t is not None:
-                t[dst].copy_(t[src])
-    for name in ("k", "v"):
-        for t in getattr(state, name):
-            if t is not None:  # (B, heads, slots, width); slot = position % slots
-                n = min(used, t.shape[2])
-                t[dst, :, :n].copy_(t[src, :, :n])
-    state.valid[dst].copy_(state.valid[src])
-    state.lengths[dst] = state.lengths[src]
 
 
 # ---------------------------------------------------------------------------------------------

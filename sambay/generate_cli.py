@@ -113,14 +113,9 @@ def load(args: argparse.Namespace):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(where, dtype=dtype, random_weights=args.random_weights)
     tokenizer = _load_tokenizer(where, model)
-    if args.quantize:
-        try:
-            from .quant import quantize_model
-        except ModuleNotFoundError as e:
-            if e.name != "sambay.quant":
-                raise
-            raise SambayError("--quantize int8 is not available: this install has no sambay.quant") from None
-        model = quantize_model(model)
+    from .quant import prepare_for_inference
+
+    model = prepare_for_inference(model, args.quantize)
     extra = f", {args.quantize}" if args.quantize else ""
     dtype_name = str(model.dtype).removeprefix("torch.")
     print(f"loaded in {time.perf_counter() - start:.1f} s ({dtype_name}{extra})", file=sys.stderr, flush=True)

@@ -89,6 +89,20 @@ class DecodeState:
         view.batch_size = view.lengths.shape[0]
         return view
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (used to keep a batch's active rows contiguous).
+        Only the K/V slots that hold positions are copied."""
+        used = int(self.lengths[src])
+        for t in self.conv + self.ssm:
+            if t is not None:
+                t[dst].copy_(t[src])
+        for t in self.k + self.v:
+            if t is not None:  # (B, heads, slots, width); slot = position % slots
+                n = min(used, t.shape[2])
+                t[dst, :, :n].copy_(t[src, :, :n])
+        self.valid[dst].copy_(self.valid[src])
+        self.lengths[dst] = self.lengths[src]
+
     def reset(self) -> None:
         """Empty every row (K/V need no clearing: `valid` hides stale slots)."""
         for t in self.conv + self.ssm:
@@ -129,7 +143,10 @@ class Mamba(nn.Module):
         x = self._conv(x * mask, at, layer)  # padding must not enter the conv window or the state
         x = F.silu(x) * mask
         dt_low, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        if isinstance(self.dt_proj, nn.Linear):  # the SSM adds the dt bias in float32
+            dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        else:  # a PackedLinear built to return float32 with its bias added in float32
+            dt = F.softplus(self.dt_proj(dt_low))
         A = -torch.exp(self.A_log.float())
         state = at.state.ssm[layer] if at.state is not None else None
         args = (x.float(), dt, A, Bm.float(), Cm.float(), self.D.float())
@@ -503,13 +520,13 @@ def build_model(config: SambaYConfig, dtype: torch.dtype = torch.float32, device
     directly in `dtype` (a 3.8B-parameter bf16 model needs 7.7 GB, not 15 GB first)."""
     with torch.device("meta"):
         model = SambaY(config)
-    if device == "meta":  # shapes only; the checkpoint loader assigns the real tensors
-        return model
-    model = model.to_empty(device=device)
     for name, p in model.named_parameters():
         want = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
         if p.dtype != want:
-            p.data = torch.empty(p.shape, dtype=want, device=device)
+            p.data = torch.empty(p.shape, dtype=want, device="meta")
+    if device == "meta":  # shapes and dtypes only; the checkpoint loader assigns the real tensors
+        return model
+    model = model.to_empty(device=device)
     if init:
         model.init_weights(seed, fast=fast_init)
     return model.eval()

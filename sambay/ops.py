@@ -106,6 +106,8 @@ def attention(q, k, v, q_pos, k_pos, k_valid, window=None, dropout: float = 0.0)
     """Chunked over queries; each chunk only looks at the key range its positions can reach."""
     Bsz, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
+    if Tq == 1 and dropout == 0.0:
+        return _decode_attention(q, k, v, q_pos, k_pos, k_valid, window)
     chunk = max(16, min(Tq, _SCORE_BUDGET // max(1, Bsz * Hq * Tk)))
     if chunk >= Tq:
         return _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout)
@@ -127,3 +129,15 @@ def _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout):
     mask = attention_mask(q_pos, k_pos, k_valid, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _decode_attention(q, k, v, q_pos, k_pos, k_valid, window):
+    """One query per row: group the query heads that share a key/value head, so K and V are read
+    once as they are (no GQA expansion, no copies) by two batched matmuls."""
+    B, Hq, _, dk = q.shape
+    Hk = k.shape[1]
+    qg = q.reshape(B, Hk, Hq // Hk, dk).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(dk))  # (B, Hk, g, S)
+    scores.masked_fill_(~attention_mask(q_pos, k_pos, k_valid, window), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, Hq, 1, v.shape[-1]).to(q.dtype)

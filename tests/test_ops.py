@@ -114,3 +114,16 @@ def test_long_prefill_memory_grows_linearly():
     per_token_small = max(extra[4096], 1 << 20) / 4096
     # 16384 tokens may use at most ~1.5x the per-token memory of 4096 tokens (allocator slack).
     assert extra[16384] < 1.5 * per_token_small * 16384 + (32 << 20), extra
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_reference(window, dtype):
+    """One query per row, rows at different positions, grouped-query heads."""
+    q, k, v, _, k_pos, valid = attention_inputs(Tq=1, Tk=30)
+    q_pos = torch.tensor([[29], [17]])  # row 1 decodes at an earlier position
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ref = ops.attention_ref(q.float(), k.float(), v.float(), q_pos, k_pos, valid, window)
+    out = ops.attention(q, k, v, q_pos, k_pos, valid, window)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)

@@ -1,0 +1,224 @@
+"""`sambay bench`: decode and prefill speed, held against this machine's measured limits.
+
+Decoding is memory-bound: each step reads every weight plus the decode state. So `bench decode`
+measures the machine's read bandwidth in the same run, counts the bytes one step actually reads,
+and reports the fraction of that roofline reached. Prefill is compute-bound and is compared with
+a large matmul's FLOP rate. Each prints a table for people and one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .config import CROSS_ATTENTION, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA
+from .errors import SambayError
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums over a buffer far larger than cache."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def measure_matmul_flops(n: int = 2048, dtype=torch.bfloat16, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def decode_bytes_per_step(model, state, batch: int) -> dict[str, int]:
+    """Bytes one decode step reads: weights (each once), plus the state each layer reads."""
+    emb = model.model.embed_tokens.weight
+    weights = sum(_nbytes(t) for name, t in model.state_dict(keep_vars=True).items()
+                  if not name.startswith("model.embed_tokens"))
+    weights += batch * emb.shape[1] * emb.element_size()  # the embedding rows looked up
+    if model.lm_head is None or not any(
+            k.startswith("lm_head.") for k in model.state_dict()):  # tied head reads the embedding
+        weights += _nbytes(emb)
+    cfg = model.config
+    ctx = int(state.lengths.max()) + 1
+    kv = swa = mamba = 0
+    n_readers = sum(k in (KV_ATTENTION, CROSS_ATTENTION) for k in cfg.layer_kinds)
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind in (MAMBA, MEMORY_MAMBA):
+            mamba += _nbytes(state.conv[i][:batch]) + _nbytes(state.ssm[i][:batch])
+        elif kind == SWA:
+            slots = state.k[i].shape[2]
+            frac = min(ctx, slots) / slots
+            swa += int(frac * (_nbytes(state.k[i][:batch]) + _nbytes(state.v[i][:batch])))
+        elif kind == KV_ATTENTION:
+            per_pos = (_nbytes(state.k[i][:batch]) + _nbytes(state.v[i][:batch])) / state.max_length
+            kv = int(per_pos * ctx) * n_readers  # the shared K/V is read by every attention reader
+    return {"weights": weights, "shared_kv": kv, "swa_kv": swa, "mamba_state": mamba,
+            "total": weights + kv + swa + mamba}
+
+
+def fill_state_synthetically(model, state, context: int, seed: int = 0) -> None:
+    """Make the state look as if `context` tokens had been prefilled (random K/V and SSM states).
+    A decode step's cost depends only on the state's size, not on its values."""
+    g = torch.Generator().manual_seed(seed)
+    for tensors in (state.k, state.v, state.conv):
+        for t in tensors:
+            if t is not None:
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.5)
+    for t in state.ssm:
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    state.valid[:, :context] = True
+    state.lengths.fill_(context)
+
+
+def _load(args):
+    from .checkpoint import load_model
+    from .quant import prepare_for_inference
+
+    dtype = getattr(torch, args.dtype)
+    t = time.perf_counter()
+    name = args.model or args.preset
+    print(f"loading {name} ({'random weights, ' if args.random_weights else ''}{args.dtype}"
+          f"{', int8' if args.quantize else ''}) ...", file=sys.stderr, flush=True)
+    model = load_model(name, dtype=dtype, random_weights=args.random_weights)
+    prepare_for_inference(model, args.quantize)
+    print(f"loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    return model
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+@torch.inference_mode()
+def run_decode(args: argparse.Namespace) -> int:
+    from .kernels import native_status
+
+    if args.batch < 1 or args.tokens < 1 or args.context < 0:
+        raise SambayError("--batch and --tokens must be >= 1 and --context >= 0")
+    model = _load(args)
+    cfg = model.config
+    if args.context + args.tokens + 1 > cfg.max_position_embeddings:
+        raise SambayError(f"context {args.context} + tokens {args.tokens} exceeds the model's "
+                          f"{cfg.max_position_embeddings}-token context")
+    state = model.new_state(args.batch, args.context + args.tokens + args.warmup + 1)
+    if args.context:
+        fill_state_synthetically(model, state, args.context)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, 1))
+    kernels = native_status()
+    for _ in range(args.warmup):
+        ids = model(ids, state=state)[:, -1].argmax(-1, keepdim=True)
+    bytes_step = decode_bytes_per_step(model, state, args.batch)  # grows by 1 position per step: negligible
+    bandwidth = measure_bandwidth()
+    times = []
+    for _ in range(args.tokens):
+        t = time.perf_counter()
+        ids = model(ids, state=state)[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - t)
+    bandwidth = max(bandwidth, measure_bandwidth())
+    step = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
+    achieved = bytes_step["total"] / step
+    result = {
+        "bench": "decode", "model": getattr(model, "source", "?"), "dtype": args.dtype,
+        "quantize": args.quantize or "none", "batch": args.batch, "context": args.context,
+        "tokens": args.tokens, "threads": torch.get_num_threads(), "kernels": kernels,
+        "step_ms": round(step * 1e3, 2), "tokens_per_s": round(args.batch / step, 2),
+        "bytes_per_step": bytes_step["total"], "bytes_breakdown": bytes_step,
+        "bandwidth_gbs": round(bandwidth / 1e9, 2), "achieved_gbs": round(achieved / 1e9, 2),
+        "roofline_tokens_per_s": round(args.batch * bandwidth / bytes_step["total"], 2),
+        "roofline_fraction": round(achieved / bandwidth, 3),
+        "context_filled": "synthetic (random K/V and SSM states)" if args.context else "none",
+    }
+    print(_table([
+        ("model", f"{result['model']}  [{args.dtype}{', int8 weights' if args.quantize else ''}]"),
+        ("batch / context", f"{args.batch} / {args.context} tokens ({result['context_filled']})"),
+        ("kernels / threads", f"{kernels} / {result['threads']}"),
+        ("decode step", f"{result['step_ms']} ms (median of {args.tokens})"),
+        ("throughput", f"{result['tokens_per_s']} tokens/s"),
+        ("bytes read per step", f"{bytes_step['total'] / 1e9:.3f} GB (weights {bytes_step['weights'] / 1e9:.3f}, "
+                                f"shared K/V {bytes_step['shared_kv'] / 1e9:.3f}, SWA K/V "
+                                f"{bytes_step['swa_kv'] / 1e9:.3f}, Mamba {bytes_step['mamba_state'] / 1e9:.4f})"),
+        ("memory bandwidth", f"{result['bandwidth_gbs']} GB/s (measured now, read)"),
+        ("achieved", f"{result['achieved_gbs']} GB/s = {100 * result['roofline_fraction']:.1f}% of roofline "
+                     f"({result['roofline_tokens_per_s']} tokens/s)"),
+    ]))
+    print(json.dumps(result))
+    return 0
+
+
+@torch.inference_mode()
+def run_prefill(args: argparse.Namespace) -> int:
+    model = _load(args)
+    cfg = model.config
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if any(n < 1 or n > cfg.max_position_embeddings for n in lengths):
+        raise SambayError(f"--lengths must be between 1 and {cfg.max_position_embeddings}")
+    flops_peak = measure_matmul_flops(dtype=getattr(torch, args.dtype))
+    params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, cfg.vocab_size, (1, n))
+        state = model.new_state(1, n)
+        model(ids[:, : min(n, 16)], state=model.new_state(1, n))  # warm-up
+        t = time.perf_counter()
+        for c0 in range(0, n, args.chunk):
+            model(ids[:, c0:c0 + args.chunk], state=state)
+        sec = time.perf_counter() - t
+        flops = 2 * params * n  # matmuls; attention adds a little on top
+        rows.append({"tokens": n, "seconds": round(sec, 3), "tokens_per_s": round(n / sec, 1),
+                     "gflops": round(flops / sec / 1e9, 1), "state_bytes": state.nbytes()})
+        print(f"prefill {n:6d} tokens: {sec:8.2f} s  {n / sec:8.1f} tok/s  {flops / sec / 1e9:7.1f} GFLOP/s  "
+              f"state {state.nbytes() / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
+    print(_table([("model", getattr(model, "source", "?")), ("matmul peak (measured)",
+                                                              f"{flops_peak / 1e9:.1f} GFLOP/s")]
+                 + [(f"{r['tokens']} tokens", f"{r['seconds']} s, {r['tokens_per_s']} tok/s, "
+                                              f"{r['gflops']} GFLOP/s "
+                                              f"({100 * r['gflops'] * 1e9 / flops_peak:.0f}% of matmul peak)")
+                    for r in rows]))
+    print(json.dumps({"bench": "prefill", "model": getattr(model, "source", "?"), "dtype": args.dtype,
+                      "quantize": args.quantize or "none", "chunk": args.chunk,
+                      "matmul_peak_gflops": round(flops_peak / 1e9, 1), "results": rows}))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder or Hugging Face repo id")
+    p.add_argument("--preset", default="phi4-mini-flash", help="preset to use when --model is not given")
+    p.add_argument("--random-weights", action="store_true", help="random weights (no download needed)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every linear layer and the head")
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="measure decode / prefill speed against this machine's limits")
+    bsub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    d = bsub.add_parser("decode", help="decode tokens/s and fraction of the memory-bandwidth roofline")
+    _common(d)
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--context", type=int, default=0, help="tokens already in the state before timing")
+    d.add_argument("--tokens", type=int, default=16, help="decode steps to time")
+    d.add_argument("--warmup", type=int, default=2)
+    d.set_defaults(func=run_decode)
+    p = bsub.add_parser("prefill", help="prefill tokens/s for several prompt lengths")
+    _common(p)
+    p.add_argument("--lengths", default="128,512,2048")
+    p.add_argument("--chunk", type=int, default=512, help="tokens per prefill call")
+    p.set_defaults(func=run_prefill)

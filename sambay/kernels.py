@@ -1,0 +1,73 @@
+"""Optional native kernels (sambay/csrc), compiled on first use for this machine's CPU.
+
+`gemv(x, w, scale)` computes x @ w.T * scale for a few activation rows, streaming the weights at
+close to memory bandwidth. If no C++ compiler is available, or SAMBAY_NATIVE=0, the pure-PyTorch
+reference `gemv_ref` is used instead (same results, slower); `native_status()` says which.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SRC = Path(__file__).parent / "csrc" / "gemv.cpp"
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Reference: dequantize the weights and use torch's matmul. x (M, K) float32 -> (M, N)."""
+    y = F.linear(x.float(), w.float())
+    return y * scale.float() if scale is not None else y
+
+
+def _load():
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        if os.environ.get("SAMBAY_NATIVE", "1") == "0":
+            _error = "disabled by SAMBAY_NATIVE=0"
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            build = Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
+            build.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-march=native", "-ffast-math"] if sys.platform != "win32" else ["/O2"]
+            print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
+                  flush=True) if not any(build.glob("*.so")) else None
+            _module = load(name="sambay_gemv", sources=[str(_SRC)], extra_cflags=flags,
+                           build_directory=str(build), verbose=False)
+        except Exception as e:  # no compiler, no headers, ...: fall back to the reference path
+            _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            print(f"sambay: native kernels unavailable ({_error}); using the slower PyTorch path",
+                  file=sys.stderr)
+        return _module
+
+
+def native_status() -> str:
+    _load()
+    return "native (AVX-512)" if _module is not None and _has_avx512() else \
+        "native (portable C++)" if _module is not None else f"pytorch ({_error})"
+
+
+def _has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512",)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    mod = _load()
+    if mod is None or x.device.type != "cpu" or torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad):
+        return gemv_ref(x, w, scale)
+    empty = scale if scale is not None else torch.empty(0)
+    return mod.gemv(x.float(), w, empty)

@@ -1,0 +1,146 @@
+"""Weight-only int8 quantization and the fast CPU linear layer used for decoding.
+
+Decoding one token reads every weight once, so its speed is set by bytes read: int8 weights with
+one float32 scale per output row halve the bytes of bf16. `PackedLinear` runs the native GEMV
+(sambay.kernels) for the few rows of a decode step and a plain matmul for prefill.
+
+    model = sambay.load_model(path, dtype=torch.bfloat16)
+    quantize_model(model)            # every linear layer and the tied head -> int8
+    save_quantized(model, "out/")    # loads back fast with sambay.load_model("out/")
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+# Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
+GEMV_MAX_ROWS = 16
+QUANT_METHOD = "sambay-int8"
+
+
+def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: w ~= q * scale[:, None]. Chunked to avoid a float32 copy."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for r0 in range(0, w.shape[0], rows_per_chunk):
+        block = w[r0:r0 + rows_per_chunk].float()
+        s = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[r0:r0 + rows_per_chunk] = torch.round(block / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[r0:r0 + rows_per_chunk] = s
+    return q, scale
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 persistent: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight, persistent=persistent)
+        self.register_buffer("weight_scale", scale, persistent=persistent)
+        self.register_buffer("bias", bias, persistent=persistent)
+        self.out_dtype = out_dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, int8: bool) -> PackedLinear:
+        w = lin.weight.detach()
+        bias = None if lin.bias is None else lin.bias.detach()
+        if int8:
+            q, s = quantize_int8(w)
+            return cls(q, bias, s, out_dtype=w.dtype)
+        return cls(w, bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight_scale is None:
+            return self.weight.to(dtype)
+        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            y = kernels.gemv(x2, self.weight, self.weight_scale)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(self.out_dtype)
+        else:
+            y = F.linear(x2.to(self.out_dtype), self.dequantized(self.out_dtype), self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "int8" if self.weight_scale is not None else str(self.weight.dtype).removeprefix("torch.")
+        return f"in={self.in_features}, out={self.out_features}, {kind}"
+
+
+def _linears(model: nn.Module, dt_proj: bool = False):
+    """Every nn.Linear; Mamba's small dt_proj only when asked (it stays unquantized, see below)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (name == "dt_proj") == dt_proj:
+                yield parent, name, child
+
+
+def _pack_dt_proj(model: nn.Module) -> None:
+    """dt_proj keeps its weights (0.2% of the model; dt feeds exp() so precision matters) and
+    returns float32 with its bias added in float32, as the SSM expects."""
+    for parent, name, lin in _linears(model, dt_proj=True):
+        setattr(parent, name, PackedLinear(lin.weight.detach(), lin.bias.detach().float(),
+                                           out_dtype=torch.float32))
+
+
+def int8_skeleton(model):
+    """Turn a meta-device model into the int8 layout, so a quantized checkpoint can be loaded into it."""
+    for parent, name, lin in _linears(model):
+        N, K = lin.weight.shape
+        bias = None if lin.bias is None else torch.empty(N, dtype=lin.bias.dtype, device="meta")
+        setattr(parent, name, PackedLinear(torch.empty(N, K, dtype=torch.int8, device="meta"), bias,
+                                           torch.empty(N, device="meta"), out_dtype=lin.weight.dtype))
+    emb = model.model.embed_tokens.weight
+    model.lm_head = PackedLinear(torch.empty(emb.shape, dtype=torch.int8, device="meta"), None,
+                                 torch.empty(emb.shape[0], device="meta"), out_dtype=emb.dtype)
+    model.quantization = "int8"
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model, mode: str = "int8"):
+    """In place: every nn.Linear and the tied output head become int8 PackedLinear layers."""
+    if mode != "int8":
+        from .errors import SambayError
+
+        raise SambayError(f"unknown quantization {mode!r}; supported: int8")
+    for parent, name, lin in _linears(model):
+        setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
+    emb = model.model.embed_tokens.weight
+    q, s = quantize_int8(emb.detach())
+    model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
+    _pack_dt_proj(model)
+    model.quantization = mode
+    return model
+
+
+@torch.no_grad()
+def pack_model(model):
+    """In place, no quantization: route decode-time linears (and the tied head, sharing the
+    embedding without a copy) through the native GEMV. Idempotent."""
+    for parent, name, lin in _linears(model):
+        setattr(parent, name, PackedLinear.from_linear(lin, int8=False))
+    _pack_dt_proj(model)
+    if model.lm_head is None:
+        model.lm_head = PackedLinear(model.model.embed_tokens.weight, persistent=False)
+    return model
+
+
+def prepare_for_inference(model, quantize: str | None = None):
+    """The one call front-ends make after loading: int8 if asked, otherwise pack the existing
+    weights for the fast decode path. A checkpoint that is already int8 stays as it is."""
+    if getattr(model, "quantization", None):
+        _pack_dt_proj(model)
+        return model
+    return quantize_model(model, quantize) if quantize else pack_model(model)

@@ -1,0 +1,109 @@
+"""The native GEMV and int8 quantization against their references."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sambay
+from sambay import kernels
+from sambay.quant import PackedLinear, pack_model, quantize_int8, quantize_model
+
+GOLDEN = "tests/data/golden/phi4flash-tiny"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("K", [160, 1027, 2560])
+def test_gemv_equals_reference(dtype, M, K):
+    g = torch.Generator().manual_seed(M * K)
+    N = 37
+    w = (torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8) if dtype == torch.int8
+         else torch.randn(N, K, generator=g).to(dtype))
+    scale = torch.rand(N, generator=g) if dtype == torch.int8 else None
+    x = torch.randn(M, K, generator=g)
+    ref = kernels.gemv_ref(x, w, scale)
+    torch.testing.assert_close(kernels.gemv(x, w, scale), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_native_kernels_are_built_here():
+    """This machine has a compiler: the fast path must really be in use (not silently the fallback)."""
+    assert kernels.native_status().startswith("native"), kernels.native_status()
+
+
+def test_fallback_without_native_kernels_gives_same_results():
+    code = ("import torch; from sambay import kernels; torch.manual_seed(0); "
+            "x=torch.randn(2,64); w=torch.randint(-127,127,(8,64),dtype=torch.int8); s=torch.rand(8); "
+            "print(kernels.native_status()); print(torch.allclose(kernels.gemv(x,w,s), kernels.gemv_ref(x,w,s)))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SAMBAY_NATIVE": "0"},
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].startswith("pytorch (disabled") and out[1] == "True"
+
+
+def test_int8_quantization_error_is_bounded():
+    w = torch.randn(64, 300)
+    q, s = quantize_int8(w, rows_per_chunk=10)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    err = (q.float() * s[:, None] - w).abs()
+    assert bool((err <= s[:, None] / 2 + 1e-6).all())  # round-to-nearest: at most half a step
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 40])  # decode (GEMV) and prefill (matmul) paths
+def test_packed_linear_matches_nn_linear(rows):
+    lin = torch.nn.Linear(96, 50, bias=True)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(PackedLinear.from_linear(lin, int8=False)(x), lin(x), rtol=1e-5, atol=1e-5)
+    q = PackedLinear.from_linear(lin, int8=True)(x)
+    assert (q - lin(x)).norm() / lin(x).norm() < 0.01
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sambay.load_model(GOLDEN)
+
+
+@torch.no_grad()
+def test_packed_model_equals_reference_model(model):
+    ids = torch.randint(0, 511, (2, 24), generator=torch.Generator().manual_seed(1))
+    packed = pack_model(copy.deepcopy(model))
+    assert packed.lm_head.weight.data_ptr() == packed.model.embed_tokens.weight.data_ptr()  # no copy
+    ref = model(ids)
+    torch.testing.assert_close(packed(ids), ref, rtol=1e-4, atol=1e-4)
+    state = packed.new_state(2, 24)
+    steps = [packed(ids[:, :10], state=state)] + [packed(ids[:, t:t + 1], state=state) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref[:, 9:], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_int8_model_within_stated_tolerance_and_round_trips(model, tmp_path):
+    """Stated tolerance: int8 logits within 5% relative (norm) of float32 on the tiny golden model,
+    whose random weights are harsher on 8-bit rounding than trained ones, and the same greedy
+    tokens for most steps."""
+    ids = torch.randint(0, 511, (2, 24), generator=torch.Generator().manual_seed(2))
+    q = quantize_model(copy.deepcopy(model))
+    ref, out = model(ids), q(ids)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    # decode path (GEMV on int8) equals the prefill path (dequantized matmul) of the same model
+    state = q.new_state(2, 24)
+    steps = [q(ids[:, :10], state=state)] + [q(ids[:, t:t + 1], state=state) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), out[:, 9:], rtol=1e-3, atol=1e-3)
+    saved = sambay.save_model(q, tmp_path / "int8")
+    again = sambay.load_model(saved)
+    assert again.quantization == "int8" and again.model.layers[0].mlp.fc1.weight.dtype == torch.int8
+    assert torch.equal(again(ids), out)
+    fp32_bytes = os.path.getsize(f"{GOLDEN}/model.safetensors")
+    assert (saved / "model.safetensors").stat().st_size < 0.5 * fp32_bytes
+
+
+def test_quantize_command(tmp_path, capsys):
+    from sambay.cli import main
+
+    assert main(["quantize", "--model", GOLDEN, "--out", str(tmp_path / "q")]) == 0
+    assert sambay.load_model(tmp_path / "q").quantization == "int8"
+    assert main(["quantize", "--model", "/no/such", "--out", str(tmp_path / "x")]) == 2
+    assert "no model folder" in capsys.readouterr().err
