@@ -8,7 +8,9 @@
 from .checkpoint import load_model, save_model
 from .config import PRESETS, SambaYConfig, preset
 from .errors import SambayError
+from .engine import Engine, generate, stream
 from .model import DecodeState, SambaY, build_model
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,6 @@ def load_tokenizer(path=None):
     return _load(path)
 
 
-__all__ = ["DecodeState", "PRESETS", "SambaY", "SambaYConfig", "SambayError", "build_model",
-           "load_model", "load_tokenizer", "preset", "save_model"]
+__all__ = ["DecodeState", "Engine", "PRESETS", "SamplingParams", "SambaY", "SambaYConfig",
+           "SambayError", "build_model", "generate", "load_model", "load_tokenizer", "preset",
+           "save_model", "stream"]

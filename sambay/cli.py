@@ -16,8 +16,9 @@ from .errors import SambayError
 
 # Modules that contribute subcommands, in the order they appear in `sambay --help`.
 COMMAND_MODULES = [
-    "sambay.commands",  # info
+    "sambay.commands",  # info, quantize
     "sambay.generate_cli",  # generate, chat
+    "sambay.server",  # serve
     "sambay.data",  # prepare
     "sambay.train",  # train
     "sambay.bench",  # bench

@@ -8,7 +8,8 @@
 
 What ends up in OUT:
     run.json        the model config and training settings of the run (written first)
-    metrics.jsonl   one line per step (loss, lr, grad norm, tokens/s) and per evaluation (val_loss)
+    metrics.jsonl   one line per step (loss: the objective, label smoothing included; lr, grad norm,
+                    tokens/s) and one per evaluation (val_loss: plain next-token cross-entropy)
     loss.png        the loss curves, redrawn at every evaluation
     checkpoint/     model.safetensors (full fp32 weights), optimizer.safetensors (AdamW moments,
                     by parameter name), trainer.json (step, settings, config, data fingerprint,
@@ -26,6 +27,7 @@ given must match it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -112,6 +114,8 @@ class TrainSettings:
             raise bad(f"--warmup {self.warmup} is longer than the run (--steps {self.steps})")
         if self.weight_decay < 0 or self.clip < 0:
             raise bad("--weight-decay and --clip must not be negative")
+        if self.eval_every and self.eval_batches < 1:
+            raise bad("--eval-batches must be at least 1 when --eval-every is set")
         if not 0 <= self.label_smoothing < 1:
             raise bad(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -259,22 +263,21 @@ def plan_run(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConf
     run_file = out / RUN_FILE
     saved: dict[str, Any] | None = None
     meta = None
-    if not resume:
-        if checkpoint is not None or run_file.is_file():
-            raise SambayError(f"{out} already holds a training run; pass --resume to continue it, or "
-                              "choose a new --out")
-        if out.is_dir() and any(out.iterdir()):
-            raise SambayError(f"{out} is not empty and holds no training run; choose a new or empty "
-                              "--out")
-    elif checkpoint is not None:
+    has_run = checkpoint is not None or run_file.is_file()
+    if has_run and not resume:
+        raise SambayError(f"{out} already holds a training run; pass --resume to continue it, or "
+                          "choose a new --out")
+    if not has_run and out.is_dir() and any(out.iterdir()):
+        raise SambayError(f"{out} is not empty and holds no training run; choose a new or empty --out")
+    if resume and checkpoint is not None:
         meta = _read_json(checkpoint / "trainer.json")
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version", 0) > CHECKPOINT_VERSION:
             raise SambayError(f"{checkpoint} is not a sambay training checkpoint this version reads")
         saved = meta
-    elif run_file.is_file():
+    elif resume and has_run:
         saved = _read_json(run_file)
         notes.append(f"{out} has no checkpoint yet; starting the run from step 0")
-    else:
+    elif resume:
         notes.append(f"nothing to resume in {out}; starting a new run")
 
     # Settings: given flags over the run's saved ones over the defaults.
@@ -302,12 +305,17 @@ def plan_run(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConf
             raise SambayError("give the model with --config FILE or --preset NAME "
                               f"({', '.join(PRESETS)})")
         config = SambaYConfig.from_dict(saved["config"])
-    elif preset_name is not None and config.vocab_size != dataset.vocab_size:
+    elif preset_name is not None:  # a preset adopts the data's vocabulary and end-of-text token
+        changes: dict[str, Any] = {}
+        if dataset.vocab_size > config.vocab_size:
+            changes["vocab_size"] = dataset.vocab_size
         eos = dataset.eos_token_id
-        config = config.replace(vocab_size=dataset.vocab_size,
-                                **({} if eos is None else dict(bos_token_id=eos, eos_token_id=eos,
-                                                               pad_token_id=eos)))
-        notes.append(f"preset {preset_name}: vocab_size set to {dataset.vocab_size} to match the data")
+        if eos is not None and config.eos_token_id != eos:
+            changes.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        if changes:
+            config = config.replace(**changes)
+            notes.append(f"preset {preset_name}: set {', '.join(f'{k}={v}' for k, v in changes.items())} "
+                         "to match the data's tokenizer")
     if attention_dropout is not None:
         if not 0 <= attention_dropout < 1:
             raise SambayError(f"--attention-dropout must be in [0, 1), got {attention_dropout}")
@@ -389,6 +397,7 @@ class Metrics:
         self.path, self.plot_path, self.enabled = out / METRICS_FILE, out / PLOT_FILE, enabled
         self.records: list[dict[str, Any]] = []
         self.file = None
+        self.warned = False
         if not enabled:
             return
         if keep_until is not None and self.path.exists():
@@ -422,6 +431,10 @@ class Metrics:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
+            if not self.warned:
+                print("sambay train: note: matplotlib is not installed, so no loss.png "
+                      "(pip install 'sambay[plot]'); metrics.jsonl has every number", file=sys.stderr)
+                self.warned = True
             return False
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
@@ -430,11 +443,12 @@ class Metrics:
         ax = fig.add_subplot()
         if train:
             steps, losses = zip(*train)
-            ax.plot(steps, losses, lw=0.8, alpha=0.35, color="tab:blue", label="train (per step)")
-            k = max(1, len(losses) // 50)
-            avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                   for i in range(len(losses))]
-            ax.plot(steps, avg, lw=1.6, color="tab:blue", label=f"train (mean of {k})")
+            k = len(losses) // 50  # smooth long runs with a moving mean of k steps
+            ax.plot(steps, losses, lw=0.8 if k > 1 else 1.4, alpha=0.35 if k > 1 else 1.0,
+                    color="tab:blue", label="train")
+            if k > 1:
+                avg = [sum(losses[max(0, i - k + 1):i + 1]) / min(k, i + 1) for i in range(len(losses))]
+                ax.plot(steps, avg, lw=1.6, color="tab:blue", label=f"train (mean of {k} steps)")
         if val:
             ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.6, ms=4, label="validation")
         ax.set_xlabel("step")
@@ -460,15 +474,15 @@ def _duration(seconds: float) -> str:
 class Progress:
     """One live line on stderr (carriage return on a terminal, a plain line now and then otherwise)."""
 
-    def __init__(self, total: int, enabled: bool, stream=None):
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool, live: bool = True, stream=None):
+        self.total, self.enabled, self.show_steps = total, enabled, live
         self.stream = stream or sys.stderr
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every = max(1, total // 20)
         self.live = 0
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta: float) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.show_steps):
             return
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s | ETA {_duration(eta)}")
@@ -545,7 +559,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConfig 
 def _run(plan: Plan, env: D.DistEnv, on_step, quiet: bool) -> TrainResult:
     cfg, s, out, dataset = plan.cfg, plan.settings, plan.out, plan.dataset
     main = env.is_main
-    progress = Progress(s.steps, enabled=main and not quiet)
+    progress = Progress(s.steps, enabled=main, live=not quiet)
     for note in plan.notes:
         progress.message(f"sambay train: {note}")
     if main:
@@ -579,12 +593,14 @@ def _run(plan: Plan, env: D.DistEnv, on_step, quiet: bool) -> TrainResult:
         progress.message(f"sambay train: resumed {out} at step {step}")
 
     metrics = Metrics(out, keep_until=step if plan.checkpoint is not None else None, enabled=main)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=s.bf16)
     batches = dataset.batches("train", s.seq_len, s.batch_size, rank=env.rank, world_size=env.world_size,
                               start_step=step * s.grad_accum, seed=s.seed)
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     val_loss = plan.meta.get("val_loss") if plan.meta else None
     losses: list[float] = []
+
+    def autocast() -> torch.autocast:  # a fresh context each time (bf16 off: does nothing)
+        return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=s.bf16)
 
     def evaluate() -> float:
         nonlocal val_loss
@@ -613,7 +629,7 @@ def _run(plan: Plan, env: D.DistEnv, on_step, quiet: bool) -> TrainResult:
         D.barrier(env)
 
     stopped_by = None
-    with StopSignals() as signals:
+    with StopSignals() as signals, contextlib.closing(metrics), contextlib.closing(progress):
         if step == 0 and s.eval_every:
             evaluate()
         started, start_step = time.perf_counter(), step
@@ -646,9 +662,7 @@ def _run(plan: Plan, env: D.DistEnv, on_step, quiet: bool) -> TrainResult:
                 progress.message(f"sambay train: stopped by {signal.Signals(stopped_by).name} at step "
                                  f"{step}; checkpoint saved, continue with --resume")
                 break
-    metrics.plot()
-    metrics.close()
-    progress.close()
+        metrics.plot()
 
     final = _full_model(wrapped, cfg, env, s.fsdp)
     if step == s.steps and stopped_by is None:
@@ -667,7 +681,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         x, y = next(batches)
         x, y = x.to(env.device), y.to(env.device)
         with D.gradient_sync(model, micro == s.grad_accum - 1):
-            with autocast:
+            with autocast():
                 logits = model(x)  # (B, T, V) float32
             loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1),
                                    label_smoothing=s.label_smoothing)
@@ -691,7 +705,7 @@ def _validation_loss(model: nn.Module, dataset: Any, s: TrainSettings, env: D.Di
     for x, y in dataset.val_batches(s.seq_len, s.batch_size, s.eval_batches, rank=env.rank,
                                     world_size=env.world_size):
         x, y = x.to(env.device), y.to(env.device)
-        with autocast:
+        with autocast():
             logits = model(x)
         total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         total[1] += y.numel()
@@ -769,29 +783,29 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, metrics, model)")
     d = TrainSettings()
     add = p.add_argument
-    add("--steps", type=int, help=f"optimizer steps (default {d.steps})")
-    add("--batch-size", type=int, help=f"sequences per micro-step per process (default {d.batch_size})")
-    add("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
-    add("--grad-accum", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
-    add("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    add("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    add("--warmup", type=int, help="linear warmup steps (default min(100, steps/10))")
-    add("--weight-decay", type=float, help=f"AdamW weight decay of the matrices (default {d.weight_decay})")
-    add("--clip", type=float, help=f"max gradient norm, 0 = off (default {d.clip})")
-    add("--label-smoothing", type=float, help=f"label smoothing of the loss (default {d.label_smoothing})")
-    add("--attention-dropout", type=float, help="attention dropout, written into the model config")
+    add("--steps", metavar="N", type=int, help=f"optimizer steps (default {d.steps})")
+    add("--batch-size", metavar="N", type=int, help=f"sequences per micro-step per process (default {d.batch_size})")
+    add("--seq-len", metavar="N", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    add("--grad-accum", metavar="K", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
+    add("--lr", metavar="LR", type=float, help=f"peak learning rate (default {d.lr})")
+    add("--min-lr", metavar="LR", type=float, help="final learning rate of the cosine (default lr/10)")
+    add("--warmup", metavar="N", type=int, help="linear warmup steps (default min(100, steps/10))")
+    add("--weight-decay", metavar="X", type=float, help=f"AdamW weight decay of the matrices (default {d.weight_decay})")
+    add("--clip", metavar="NORM", type=float, help=f"max gradient norm, 0 = off (default {d.clip})")
+    add("--label-smoothing", metavar="X", type=float, help=f"label smoothing of the loss (default {d.label_smoothing})")
+    add("--attention-dropout", metavar="P", type=float, help="attention dropout, written into the model config")
     add("--bf16", action=argparse.BooleanOptionalAction, default=None,
         help="bfloat16 autocast for the forward pass (weights stay float32)")
-    add("--eval-every", type=int, help=f"steps between validation passes, 0 = never (default {d.eval_every})")
-    add("--eval-batches", type=int, help=f"validation batches per pass (default {d.eval_batches})")
-    add("--save-every", type=int, help=f"steps between checkpoints, 0 = end only (default {d.save_every})")
-    add("--seed", type=int, help=f"seed of init, data order and dropout (default {d.seed})")
+    add("--eval-every", metavar="N", type=int, help=f"steps between validation passes, 0 = never (default {d.eval_every})")
+    add("--eval-batches", metavar="N", type=int, help=f"validation batches per pass (default {d.eval_batches})")
+    add("--save-every", metavar="N", type=int, help=f"steps between checkpoints, 0 = end only (default {d.save_every})")
+    add("--seed", metavar="S", type=int, help=f"seed of init, data order and dropout (default {d.seed})")
     add("--fsdp", action=argparse.BooleanOptionalAction, default=None,
         help="under torchrun: shard weights and optimizer state (FSDP2) instead of DDP")
     add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add("--override", action="append", default=[], metavar="KEY=VALUE",
         help="change a model config field, e.g. --override resid_pdrop=0.1 (repeatable)")
-    add("--quiet", action="store_true", help="no progress line")
+    add("--quiet", action="store_true", help="no per-step progress line (messages still print)")
     p.set_defaults(func=run_train)
 
 
