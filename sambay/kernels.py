@@ -71,3 +71,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) ->
         return gemv_ref(x, w, scale)
     empty = scale if scale is not None else torch.empty(0)
     return mod.gemv(x.float(), w, empty)
+
+
+def stream_read(buf: torch.Tensor) -> float:
+    """Sum a large float32 buffer with the native streaming loop (torch.sum without kernels)."""
+    mod = _load()
+    return mod.stream_read(buf) if mod is not None else float(buf.sum())

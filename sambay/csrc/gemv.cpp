@@ -9,15 +9,17 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <vector>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int64_t MB = 4;     // activation rows per pass over the weights
-constexpr int64_t RT = 8;     // weight rows per tile (one tile = one unit of parallel work)
-constexpr int64_t KB = 1024;  // k-block: MB x KB float32 activations stay in L1 while RT rows stream
+// When the float32 activation row outgrows L1 (K > 4096), R = 4 weight rows share each
+// activation load; otherwise one weight row at a time streams best.
+constexpr int64_t K_SHARE = 4096;
 
 template <typename W>
 inline float to_float(W v) { return static_cast<float>(v); }
@@ -33,64 +35,79 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 
-// acc[m] += dot(w[0:len], x[m][0:len]) for M_ activation rows (compile-time, so registers hold them)
-template <int M_, typename W>
-inline void block_dots(const W* w, const float* x, int64_t ldx, int64_t len, float* acc) {
-  __m512 a[M_][2];
-  for (int m = 0; m < M_; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+// out[r][m] = dot(w row r, x row m) for R weight rows and M_ activation rows. U-fold unrolling
+// keeps at least 4 independent FMA chains in flight (FMA latency).
+template <typename W, int R, int M_>
+inline void micro(const W* w, int64_t K, const float* x, int64_t ldx, float out[4][4]) {
+  constexpr int U = (R * M_ >= 4) ? 1 : 4 / (R * M_);
+  __m512 acc[R][M_][U];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= len; k += 32) {
-    __m512 w0 = load16(w + k), w1 = load16(w + k + 16);
-    for (int m = 0; m < M_; ++m) {
-      a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), a[m][0]);
-      a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), a[m][1]);
+  for (; k + 16 * U <= K; k += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load16(w + r * K + k + 16 * u);
+      for (int m = 0; m < M_; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+        for (int r = 0; r < R; ++r) acc[r][m][u] = _mm512_fmadd_ps(wv[r], xv, acc[r][m][u]);
+      }
     }
   }
-  for (int m = 0; m < M_; ++m) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
-    for (int64_t kk = k; kk < len; ++kk) s += to_float(w[kk]) * x[m * ldx + kk];
-    acc[m] += s;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m) {
+      __m512 a = acc[r][m][0];
+      for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[r][m][u]);
+      float s = _mm512_reduce_add_ps(a);
+      for (int64_t kk = k; kk < K; ++kk) s += to_float(w[r * K + kk]) * x[m * ldx + kk];
+      out[r][m] = s;
+    }
 }
 #else
-template <int M_, typename W>
-inline void block_dots(const W* w, const float* x, int64_t ldx, int64_t len, float* acc) {
-  for (int m = 0; m < M_; ++m) {
-    float s = 0.f;
-    for (int64_t k = 0; k < len; ++k) s += to_float(w[k]) * x[m * ldx + k];
-    acc[m] += s;
-  }
+template <typename W, int R, int M_>
+inline void micro(const W* w, int64_t K, const float* x, int64_t ldx, float out[4][4]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += to_float(w[r * K + k]) * x[m * ldx + k];
+      out[r][m] = s;
+    }
 }
 #endif
 
-template <typename W>
-inline void dots(int64_t mb, const W* w, const float* x, int64_t ldx, int64_t len, float* acc) {
+template <typename W, int R>
+inline void micro_m(int64_t mb, const W* w, int64_t K, const float* x, float out[4][4]) {
   switch (mb) {
-    case 1: block_dots<1>(w, x, ldx, len, acc); break;
-    case 2: block_dots<2>(w, x, ldx, len, acc); break;
-    case 3: block_dots<3>(w, x, ldx, len, acc); break;
-    default: block_dots<4>(w, x, ldx, len, acc); break;
+    case 1: micro<W, R, 1>(w, K, x, K, out); break;
+    case 2: micro<W, R, 2>(w, K, x, K, out); break;
+    case 3: micro<W, R, 3>(w, K, x, K, out); break;
+    default: micro<W, R, 4>(w, K, x, K, out); break;
   }
 }
 
 template <typename W>
 void gemv_impl(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t N,
                int64_t K) {
-  const int64_t tiles = (N + RT - 1) / RT;
+  const int64_t R = K > K_SHARE ? 4 : 1;
+  const int64_t tiles = (N + R - 1) / R;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    float out[4][4];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * RT, n1 = std::min(N, n0 + RT);
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int64_t mb = std::min(MB, M - m0);
-        float acc[RT][MB] = {};
-        for (int64_t k0 = 0; k0 < K; k0 += KB) {
-          const int64_t len = std::min(KB, K - k0);
-          for (int64_t n = n0; n < n1; ++n)
-            dots(mb, w + n * K + k0, x + m0 * K + k0, K, len, acc[n - n0]);
-        }
-        for (int64_t n = n0; n < n1; ++n) {
-          const float s = scale ? scale[n] : 1.f;
-          for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = acc[n - n0][m] * s;
+      const int64_t n0 = t * R, rows = std::min(R, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        if (rows == 4)
+          micro_m<W, 4>(mb, w + n0 * K, K, x + m0 * K, out);
+        else
+          for (int64_t r = 0; r < rows; ++r) {
+            float one[4][4];
+            micro_m<W, 1>(mb, w + (n0 + r) * K, K, x + m0 * K, one);
+            for (int64_t m = 0; m < mb; ++m) out[r][m] = one[0][m];
+          }
+        for (int64_t r = 0; r < rows; ++r) {
+          const float s = scale ? scale[n0 + r] : 1.f;
+          for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n0 + r] = out[r][m] * s;
         }
       }
     }
@@ -125,6 +142,36 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   return y;
 }
 
+// Sum of a float32 buffer, read the way the GEMV reads weights: the machine's streaming-read
+// bandwidth for the roofline in `sambay bench`.
+double stream_read(torch::Tensor buf) {
+  TORCH_CHECK(buf.scalar_type() == torch::kFloat32 && buf.is_contiguous(), "stream_read: float32");
+  const float* p = buf.data_ptr<float>();
+  const int64_t n = buf.numel();
+  std::vector<double> part(at::get_num_threads() + 1, 0.0);
+  at::parallel_for(0, n / 64, 1024, [&](int64_t b0, int64_t b1) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* q = p + b * 64;
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(q));
+      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(q + 16));
+      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(q + 32));
+      a3 = _mm512_add_ps(a3, _mm512_loadu_ps(q + 48));
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+    float s = 0.f;
+    for (int64_t i = b0 * 64; i < b1 * 64; ++i) s += p[i];
+#endif
+    part[at::get_thread_num()] += s;
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
 }

@@ -1,0 +1,7 @@
+"""`python -m sambay ...` (and `torchrun -m sambay ...`) run the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
