@@ -27,7 +27,7 @@ def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Te
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0], dtype=torch.float32)
     for r0 in range(0, w.shape[0], rows_per_chunk):
-        block = w[r0:r0 + rows_per_chunk].float()  # one float32 copy per chunk, reused in place
+        block = w[r0:r0 + rows_per_chunk].to(torch.float32, copy=True)  # a copy: divided in place
         s = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         q[r0:r0 + rows_per_chunk] = block.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[r0:r0 + rows_per_chunk] = s

@@ -48,7 +48,7 @@ def test_int8_quantization_error_is_bounded():
     q, s = quantize_int8(w, rows_per_chunk=10)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     err = (q.float() * s[:, None] - w).abs()
-    assert bool((err <= s[:, None] / 2 + 1e-6).all())  # round-to-nearest: at most half a step
+    assert bool((err <= s[:, None] * (0.5 + 1e-4)).all())  # round-to-nearest: half a step
 
 
 @torch.no_grad()
