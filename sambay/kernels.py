@@ -64,13 +64,38 @@ def _has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512",)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_lowp_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Reference for the low-precision fast paths: the activations rounded the way the kernel
+    rounds them (int8 weights: int8 per block of 64 values; bf16 weights: bf16), then exact math."""
+    x = x.float()
+    if w.dtype == torch.int8 and x.shape[1] % 64 == 0:
+        blocks = x.reshape(x.shape[0], -1, 64)
+        xs = blocks.abs().amax(-1, keepdim=True) / 127
+        xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+        x = (torch.round(blocks * (1 / xs)) * xs).reshape_as(x)  # the kernel multiplies by 1/scale
+    elif w.dtype == torch.bfloat16:
+        x = x.bfloat16().float()
+    y = F.linear(x.double(), w.double())
+    return (y * scale.double() if scale is not None else y).float()
+
+
+def fast_paths() -> list[str]:
+    """Which low-precision dot-product paths this CPU build has (int8-vnni, bf16-dot)."""
+    mod = _load()
+    return list(mod.fast_paths()) if mod is not None else []
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+         exact: bool = False) -> torch.Tensor:
+    """x @ w.T * scale. Where the CPU has them (see fast_paths), int8 weights meet activations
+    rounded to int8 per 64-value block, bf16 weights meet bf16 activations; exact=True keeps x in
+    float32. gemv_lowp_ref and gemv_ref are the references."""
     mod = _load()
     if mod is None or x.device.type != "cpu" or torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad):
         return gemv_ref(x, w, scale)
     empty = scale if scale is not None else torch.empty(0)
-    return mod.gemv(x.float(), w, empty)
+    return mod.gemv(x.float(), w, empty, int(exact))
 
 
 def stream_read(buf: torch.Tensor) -> float:

@@ -116,10 +116,131 @@ void gemv_impl(const float* x, const W* w, const float* scale, float* y, int64_t
   });
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---- int8 weights x int8 activations (VNNI) ------------------------------------------------------
+// Activations are quantized per call in blocks of 64: xq = round(x / xs), |xq| <= 127, stored
+// offset by +128 as unsigned bytes (vpdpbusd multiplies unsigned by signed bytes). The offset is
+// removed with the block's weight sum: dot(xq + 128, w) - 128 * sum(w). One vpdpbusd covers 64
+// weight bytes, so the loop stays memory-bound.
+constexpr int64_t QB = 64;
+
+void quantize_activations(const float* x, int64_t M, int64_t K, uint8_t* xu, float* xs) {
+  const int64_t nb = K / QB;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * K + b * QB;
+      __m512 amax = _mm512_setzero_ps();
+      for (int i = 0; i < QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(p + i)));
+      const float mx = _mm512_reduce_max_ps(amax);
+      const float scale = mx > 0.f ? mx / 127.f : 1.f;
+      xs[m * nb + b] = scale;
+      const __m512 inv = _mm512_set1_ps(1.f / scale);
+      for (int i = 0; i < QB; i += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inv));  // round to nearest
+        q = _mm512_add_epi32(q, _mm512_set1_epi32(128));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xu + m * K + b * QB + i), _mm512_cvtepi32_epi8(q));
+      }
+    }
+}
+
+template <int M_>
+inline void vnni_row(const int8_t* w, int64_t K, const uint8_t* xu, const float* xs, float* out) {
+  const int64_t nb = K / QB;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 acc[M_][2];
+  for (int m = 0; m < M_; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512i wv = _mm512_loadu_si512(w + b * QB);
+    // 128 * (sum of each 4 weights), the offset the unsigned activations add
+    const __m512i corr = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv), 7);
+    for (int m = 0; m < M_; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xu + m * K + b * QB);
+      const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv), corr);
+      acc[m][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(xs[m * nb + b]), acc[m][b & 1]);
+    }
+  }
+  for (int m = 0; m < M_; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+void gemv_vnni(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
+               int64_t K) {
+  std::vector<uint8_t> xu(M * K);
+  std::vector<float> xs(M * (K / QB));
+  quantize_activations(x, M, K, xu.data(), xs.data());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[4];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const uint8_t* xm = xu.data() + m0 * K;
+        const float* sm = xs.data() + m0 * (K / QB);
+        switch (mb) {
+          case 1: vnni_row<1>(w + n * K, K, xm, sm, out); break;
+          case 2: vnni_row<2>(w + n * K, K, xm, sm, out); break;
+          case 3: vnni_row<3>(w + n * K, K, xm, sm, out); break;
+          default: vnni_row<4>(w + n * K, K, xm, sm, out); break;
+        }
+        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] * scale[n];
+      }
+    }
+  });
+}
+#define SAMBAY_VNNI 1
+#endif
+
+#if defined(__AVX512BF16__)
+// ---- bf16 weights x bf16 activations (vdpbf16ps, float32 accumulation) -------------------------
+template <int M_>
+inline void bf16_row(const c10::BFloat16* w, int64_t K, const c10::BFloat16* xb, float* out) {
+  constexpr int U = M_ == 1 ? 4 : 2;
+  __m512 acc[M_][U];
+  for (int m = 0; m < M_; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
+      for (int m = 0; m < M_; ++m)
+        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32 * u), wv);
+    }
+  for (int m = 0; m < M_; ++m) {
+    __m512 a = acc[m][0];
+    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][u]);
+    float s = _mm512_reduce_add_ps(a);
+    for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[kk]) * static_cast<float>(xb[m * K + kk]);
+    out[m] = s;
+  }
+}
+
+void gemv_bf16dot(const float* x, const c10::BFloat16* w, const float* scale, float* y, int64_t M,
+                  int64_t N, int64_t K) {
+  std::vector<c10::BFloat16> xb(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xb[i] = c10::BFloat16(x[i]);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[4];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const c10::BFloat16* xm = xb.data() + m0 * K;
+        switch (mb) {
+          case 1: bf16_row<1>(w + n * K, K, xm, out); break;
+          case 2: bf16_row<2>(w + n * K, K, xm, out); break;
+          case 3: bf16_row<3>(w + n * K, K, xm, out); break;
+          default: bf16_row<4>(w + n * K, K, xm, out); break;
+        }
+        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] * (scale ? scale[n] : 1.f);
+      }
+  });
+}
+#define SAMBAY_BF16DOT 1
+#endif
+
 }  // namespace
 
-// x (M, K) float32; w (N, K) float32 / bfloat16 / int8; scale (N,) float32 or empty -> (M, N) float32
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+// x (M, K) float32; w (N, K) float32 / bfloat16 / int8; scale (N,) float32 or empty -> (M, N) float32.
+// exact = 1 keeps the activations in float32 (no int8 / bf16 rounding of x), for testing.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t exact) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shape mismatch");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "gemv: x must be float32");
   x = x.contiguous();
@@ -132,10 +253,22 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       gemv_impl(x.data_ptr<float>(), w.data_ptr<float>(), sp, y.data_ptr<float>(), M, N, K);
       break;
     case torch::kBFloat16:
+#ifdef SAMBAY_BF16DOT
+      if (exact == 0) {
+        gemv_bf16dot(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), sp, y.data_ptr<float>(), M, N, K);
+        break;
+      }
+#endif
       gemv_impl(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), sp, y.data_ptr<float>(), M, N, K);
       break;
     case torch::kInt8:
       TORCH_CHECK(sp, "gemv: int8 weights need a scale");
+#ifdef SAMBAY_VNNI
+      if (exact == 0 && K % QB == 0) {
+        gemv_vnni(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
+        break;
+      }
+#endif
       gemv_impl(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
       break;
     default:
@@ -176,4 +309,14 @@ double stream_read(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
+  m.def("fast_paths", []() {
+    std::vector<std::string> p;
+#ifdef SAMBAY_VNNI
+    p.push_back("int8-vnni");
+#endif
+#ifdef SAMBAY_BF16DOT
+    p.push_back("bf16-dot");
+#endif
+    return p;
+  });
 }
