@@ -28,10 +28,16 @@ FP32_PARAMS = ("A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
 class Positions:
-    """Where the current tokens sit: absolute positions (B, T) and which are real (not padding)."""
+    """Where the current tokens sit: absolute positions (B, T) and which are real (not padding).
+
+    `memo` holds what every layer of a kind would otherwise recompute within one forward call
+    (ring-buffer positions, attention masks); it lives exactly as long as the call.
+    """
 
     def __init__(self, pos: torch.Tensor, valid: torch.Tensor, state: DecodeState | None):
         self.pos, self.valid, self.state = pos, valid, state
+        self.padded = not bool(valid.all())
+        self.memo: dict = {}
 
     def select(self, keep: int) -> Positions:
         return Positions(self.pos[:, -keep:], self.valid[:, -keep:], self.state)
@@ -139,9 +145,11 @@ class Mamba(nn.Module):
 
     def forward(self, h, at: Positions, layer: int, memory=None):
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, e) each
-        mask = at.valid.unsqueeze(-1).to(x.dtype)
-        x = self._conv(x * mask, at, layer)  # padding must not enter the conv window or the state
-        x = F.silu(x) * mask
+        if at.padded:  # padding must not enter the conv window or the state
+            mask = at.valid.unsqueeze(-1).to(x.dtype)
+            x = F.silu(self._conv(x * mask, at, layer)) * mask
+        else:
+            x = F.silu(self._conv(x, at, layer))
         dt_low, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if isinstance(self.dt_proj, nn.Linear):  # the SSM adds the dt bias in float32
             dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
@@ -194,6 +202,20 @@ class DiffLambda(nn.Module):
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.empty(head_dim, dtype=torch.float32)))
         self.subln = nn.RMSNorm(2 * head_dim, eps=1e-5)
+        self._cached: tuple | None = None
+
+    def lam(self, lambda_init: float) -> torch.Tensor:
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init; cached while the parameters are unchanged
+        and no gradient is wanted (it is the same scalar at every decode step)."""
+        ps = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
+        key = tuple((p.data_ptr(), p._version) for p in ps) + (lambda_init,)
+        if torch.is_grad_enabled() or self._cached is None or self._cached[0] != key:
+            value = (torch.exp(torch.dot(ps[0].float(), ps[1].float()))
+                     - torch.exp(torch.dot(ps[2].float(), ps[3].float())) + lambda_init)
+            if torch.is_grad_enabled():
+                return value
+            self._cached = (key, value)
+        return self._cached[1]
 
 
 class Attention(nn.Module):
@@ -240,7 +262,13 @@ class Attention(nn.Module):
             kv = qkv[..., self.H * self.hd:].view(B, T, 2 * self.Hkv, self.hd)
             k, v = self.to_cache_layout(kv[:, :, : self.Hkv], kv[:, :, self.Hkv:])
             k, v, k_pos, k_valid = self._with_cache(k, v, at, layer)
-        o = self._attend(q, k, v, at.pos, k_pos, k_valid)
+        mask = None
+        if T == 1:  # decode: one mask per step for all layers reading the same keys
+            key = ("mask", self.window, id(k_pos))
+            if key not in at.memo:
+                at.memo[key] = (k_pos, ops.attention_mask(at.pos, k_pos, k_valid, self.window))
+            mask = at.memo[key][1]
+        o = self._attend(q, k, v, at.pos, k_pos, k_valid, mask)
         out = self.out_proj(o.to(h.dtype))
         return out, ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
 
@@ -254,14 +282,20 @@ class Attention(nn.Module):
         start = at.pos[:, 0]  # (B,) first new position of each row
         if self.window is None or slots == state.max_length:  # slot = position
             _write(kc, vc, k, v, start, slots)
-            used = int(at.pos.max()) + 1
-            pos = torch.arange(used, device=k.device).expand(k.shape[0], used)
-            return kc[:, :, :used], vc[:, :, :used], pos, state.valid[:, :used]
+            if "linear" not in at.memo:
+                used = int(at.pos.max()) + 1
+                pos = torch.arange(used, device=k.device).expand(k.shape[0], used)
+                at.memo["linear"] = (used, pos, state.valid[:, :used])
+            used, pos, valid = at.memo["linear"]
+            return kc[:, :, :used], vc[:, :, :used], pos, valid
         # Ring buffer of the last `slots` positions.
         if T == 1:  # decode: write first, then the ring is exactly the window
             _write(kc, vc, k, v, start, slots)
-            ring_pos = _ring_positions(start + 1, slots)
-            return kc, vc, ring_pos, _gather_valid(state.valid, ring_pos)
+            if ("ring", slots) not in at.memo:
+                ring_pos = _ring_positions(start + 1, slots)
+                at.memo["ring", slots] = (ring_pos, _gather_valid(state.valid, ring_pos))
+            ring_pos, ring_valid = at.memo["ring", slots]
+            return kc, vc, ring_pos, ring_valid
         ring_pos = _ring_positions(start, slots)
         keys = torch.cat([kc, k], dim=2)
         vals = torch.cat([vc, v], dim=2)
@@ -271,20 +305,18 @@ class Attention(nn.Module):
         _write(kc, vc, k[:, :, -keep:], v[:, :, -keep:], start + T - keep, slots)
         return keys, vals, pos, valid
 
-    def _attend(self, q, k, v, q_pos, k_pos, k_valid):
+    def _attend(self, q, k, v, q_pos, k_pos, k_valid, mask=None):
         drop = self.dropout if self.training else 0.0
         B, T = q.shape[:2]
         if not self.diff:
-            o = ops.attention(q.transpose(1, 2), k, v, q_pos, k_pos, k_valid, self.window, drop)
+            o = ops.attention(q.transpose(1, 2), k, v, q_pos, k_pos, k_valid, self.window, drop, mask)
             return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
         half = self.Hkv // 2
         q1, q2 = q[:, :, 0::2].transpose(1, 2), q[:, :, 1::2].transpose(1, 2)  # (B, H/2, T, hd)
-        a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop)
-        a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop)
+        a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
+        a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         p = self.inner_cross_attn
-        lam = (torch.exp(torch.dot(p.lambda_q1.float(), p.lambda_k1.float()))
-               - torch.exp(torch.dot(p.lambda_q2.float(), p.lambda_k2.float())) + self.lambda_init)
-        o = a1.float() - lam * a2.float()  # (B, H/2, T, 2hd)
+        o = a1.float() - p.lam(self.lambda_init) * a2.float()  # (B, H/2, T, 2hd)
         o = F.rms_norm(o, (2 * self.hd,), p.subln.weight.float(), p.subln.eps) * (1 - self.lambda_init)
         return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
 

@@ -163,12 +163,15 @@ def attention_ref(q, k, v, q_pos, k_pos, k_valid, window=None, dropout: float = 
 _SCORE_BUDGET = 64 * 1024 * 1024
 
 
-def attention(q, k, v, q_pos, k_pos, k_valid, window=None, dropout: float = 0.0):
-    """Chunked over queries; each chunk only looks at the key range its positions can reach."""
+def attention(q, k, v, q_pos, k_pos, k_valid, window=None, dropout: float = 0.0, mask=None):
+    """Chunked over queries; each chunk only looks at the key range its positions can reach.
+    `mask`: attention_mask(q_pos, k_pos, k_valid, window), when the caller already has it."""
     Bsz, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     if Tq == 1 and dropout == 0.0:
-        return _decode_attention(q, k, v, q_pos, k_pos, k_valid, window)
+        if mask is None:
+            mask = attention_mask(q_pos, k_pos, k_valid, window)
+        return _decode_attention(q, k, v, mask)
     chunk = max(16, min(Tq, _SCORE_BUDGET // max(1, Bsz * Hq * Tk)))
     if chunk >= Tq:
         return _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout)
@@ -192,13 +195,13 @@ def _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _decode_attention(q, k, v, q_pos, k_pos, k_valid, window):
+def _decode_attention(q, k, v, mask):
     """One query per row: group the query heads that share a key/value head, so K and V are read
     once as they are (no GQA expansion, no copies) by two batched matmuls."""
     B, Hq, _, dk = q.shape
     Hk = k.shape[1]
     qg = q.reshape(B, Hk, Hq // Hk, dk).to(k.dtype)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(dk))  # (B, Hk, g, S)
-    scores.masked_fill_(~attention_mask(q_pos, k_pos, k_valid, window), float("-inf"))
+    scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(B, Hq, 1, v.shape[-1]).to(q.dtype)
