@@ -42,7 +42,10 @@ def _load():
 
             build = Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
             build.mkdir(parents=True, exist_ok=True)
-            flags = ["-O3", "-march=native", "-ffast-math"] if sys.platform != "win32" else ["/O2"]
+            # Reassociation lets the compiler vectorize the dot products; unlike -ffast-math it keeps
+            # infinities, which the attention kernel's masking relies on.
+            flags = (["-O3", "-march=native", "-fno-math-errno", "-funsafe-math-optimizations",
+                      "-fno-finite-math-only"] if sys.platform != "win32" else ["/O2"])
             print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
                   flush=True) if not any(build.glob("*.so")) else None
             _module = load(name="sambay_gemv", sources=[str(_SRC)], extra_cflags=flags,
@@ -102,3 +105,15 @@ def stream_read(buf: torch.Tensor) -> float:
     """Sum a large float32 buffer with the native streaming loop (torch.sum without kernels)."""
     mod = _load()
     return mod.stream_read(buf) if mod is not None else float(buf.sum())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+    """Native one-query attention, or None when unavailable (the caller then uses PyTorch).
+
+    q (B, G, Hk, g, dk); k (B, G, Hk, S, dk); v (B, Hk, S, dv); valid (B, S) -> (B, G, Hk, g, dv).
+    Query group i attends with keys k[:, i]; all groups share v, which is read once.
+    """
+    mod = _load()
+    if mod is None or q.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return mod.decode_attention(q.float(), k, v, valid)

@@ -313,8 +313,11 @@ class Attention(nn.Module):
             return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
         half = self.Hkv // 2
         q1, q2 = q[:, :, 0::2].transpose(1, 2), q[:, :, 1::2].transpose(1, 2)  # (B, H/2, T, hd)
-        a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
-        a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
+        if mask is not None and not drop:  # decode: both halves in one pass over K and V
+            a1, a2 = ops.decode_attention_groups([q1, q2], [k[:, :half], k[:, half:]], v, mask)
+        else:
+            a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
+            a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         p = self.inner_cross_attn
         o = a1.float() - p.lam(self.lambda_init) * a2.float()  # (B, H/2, T, 2hd)
         o = F.rms_norm(o, (2 * self.hd,), p.subln.weight.float(), p.subln.eps) * (1 - self.lambda_init)

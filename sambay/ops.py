@@ -171,7 +171,7 @@ def attention(q, k, v, q_pos, k_pos, k_valid, window=None, dropout: float = 0.0,
     if Tq == 1 and dropout == 0.0:
         if mask is None:
             mask = attention_mask(q_pos, k_pos, k_valid, window)
-        return _decode_attention(q, k, v, mask)
+        return decode_attention_groups([q], [k], v, mask)[0]
     chunk = max(16, min(Tq, _SCORE_BUDGET // max(1, Bsz * Hq * Tk)))
     if chunk >= Tq:
         return _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout)
@@ -193,6 +193,41 @@ def _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout):
     mask = attention_mask(q_pos, k_pos, k_valid, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def decode_attention_groups(qs, ks, v, mask):
+    """One query per row for several query groups sharing the same values (differential
+    attention: (q1, k1) and (q2, k2) both over V). qs[i] (B, Hq, 1, dk), ks[i] (B, Hk, S, dk),
+    v (B, Hk, S, dv), mask (B, 1, 1, S). Returns a list of (B, Hq, 1, dv), one per group.
+    The native kernel streams K and V once; the fallback is `_decode_attention` per group."""
+    from . import kernels
+
+    B, Hq, _, dk = qs[0].shape
+    Hk, S = ks[0].shape[1], ks[0].shape[2]
+    g = Hq // Hk
+    k_all = ks[0].unsqueeze(1) if len(ks) == 1 else _stack_views(ks)
+    out = None
+    if k_all is not None and k_all.stride(-1) == 1 and v.stride(-1) == 1:
+        q_all = torch.stack([q.reshape(B, Hk, g, dk) for q in qs], dim=1)
+        out = kernels.decode_attention(q_all, k_all, v, mask.reshape(B, S))
+    if out is None:
+        return [_decode_attention(q, k, v, mask) for q, k in zip(qs, ks)]
+    return [out[:, i].reshape(B, Hq, 1, v.shape[-1]).to(qs[i].dtype) for i in range(len(qs))]
+
+
+def _stack_views(ks):
+    """ks = consecutive head blocks of one tensor (k[:, :h], k[:, h:]): view them as (B, G, h, S, d)
+    without a copy, or None when they are not laid out that way."""
+    base = ks[0]
+    h = base.shape[1]
+    if any(k.shape != base.shape or k.stride() != base.stride() for k in ks):
+        return None
+    if any(k.data_ptr() - base.data_ptr() != i * h * base.stride(1) * base.element_size()
+           for i, k in enumerate(ks)):
+        return None
+    B, _, S, d = base.shape
+    sb, sh, ss, sd = base.stride()
+    return base.as_strided((B, len(ks), h, S, d), (sb, h * sh, sh, ss, sd))
 
 
 def _decode_attention(q, k, v, mask):

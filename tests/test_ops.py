@@ -127,3 +127,24 @@ def test_decode_attention_equals_reference(window, dtype):
     out = ops.attention(q, k, v, q_pos, k_pos, valid, window)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_equals_reference(dtype):
+    """Two query groups over two key halves of one tensor and shared values (differential
+    attention's decode step), through the native kernel when present."""
+    g = torch.Generator().manual_seed(1)
+    B, Hk, S, dk, dv, Hq = 2, 3, 200, 16, 32, 6
+    k = torch.randn(B, 2 * Hk, S, dk, generator=g).to(dtype)
+    v = torch.randn(B, Hk, S, dv, generator=g).to(dtype)
+    q1, q2 = (torch.randn(B, Hq, 1, dk, generator=g) for _ in range(2))
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :17] = False
+    q_pos, k_pos = torch.tensor([[S - 1], [150]]), torch.arange(S).expand(B, S)
+    mask = ops.attention_mask(q_pos, k_pos, valid, None)
+    a1, a2 = ops.decode_attention_groups([q1, q2], [k[:, :Hk], k[:, Hk:]], v, mask)
+    for a, q, kk in ((a1, q1, k[:, :Hk]), (a2, q2, k[:, Hk:])):
+        ref = ops.attention_ref(q, kk.float(), v.float(), q_pos, k_pos, valid, None)
+        torch.testing.assert_close(a.float(), ref, rtol=2e-5, atol=2e-5)
+    assert ops._stack_views([k[:, :Hk], k[:, Hk:]]) is not None  # really the one-pass path

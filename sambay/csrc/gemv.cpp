@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <cmath>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -277,6 +279,107 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
   return y;
 }
 
+
+// ---- decode attention: one query per row over a long K/V, streamed once --------------------------
+// q (B, G, Hk, g, dk) float32: G query groups (1 plain, 2 differential: q1 and q2) whose group i
+// attends with keys k[:, i] (B, G, Hk, S, dk); all groups share the values v (B, Hk, S, dv).
+// valid (B, S) bool. Returns (B, G, Hk, g, dv) float32 softmax(q.k / sqrt(dk)) @ v per group.
+// Each (row, kv head) streams its keys and values exactly once, whatever G and g are.
+template <typename T>
+void decode_attention_impl(const float* q, const T* k, const T* v, const bool* valid, float* out,
+                           int64_t B, int64_t G, int64_t Hk, int64_t g, int64_t S, int64_t dk,
+                           int64_t dv, int64_t k_sb, int64_t k_sg, int64_t k_sh, int64_t k_ss,
+                           int64_t v_sb, int64_t v_sh, int64_t v_ss) {
+  constexpr int64_t BLK = 64;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dk));
+  at::parallel_for(0, B * Hk, 1, [&](int64_t w0, int64_t w1) {
+    const int64_t Q = G * g;  // queries sharing this kv head
+    std::vector<float> acc(Q * dv), m(Q), l(Q), sc(Q * BLK), kf(dk), vf(dv);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / Hk, h = w % Hk;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t s0 = 0; s0 < S; s0 += BLK) {
+        const int64_t n = std::min(BLK, S - s0);
+        // scores for this block
+        for (int64_t gi = 0; gi < G; ++gi) {
+          const T* kb = k + b * k_sb + gi * k_sg + h * k_sh;
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t s = s0 + j;
+            const bool ok = valid[b * S + s];
+            const T* kr = kb + s * k_ss;
+            for (int64_t d = 0; d < dk; ++d) kf[d] = static_cast<float>(kr[d]);
+            for (int64_t qi = 0; qi < g; ++qi) {
+              const float* qq = q + (((b * G + gi) * Hk + h) * g + qi) * dk;
+              float dot = 0.f;
+              for (int64_t d = 0; d < dk; ++d) dot += qq[d] * kf[d];
+              sc[(gi * g + qi) * BLK + j] = ok ? dot * scale : -INFINITY;
+            }
+          }
+        }
+        // online softmax update per query
+        for (int64_t qi = 0; qi < Q; ++qi) {
+          float* row = &sc[qi * BLK];
+          float bm = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) bm = std::max(bm, row[j]);
+          const float mn = std::max(m[qi], bm);
+          if (mn == -INFINITY) continue;  // nothing valid yet
+          const float corr = std::exp(m[qi] - mn);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) { row[j] = std::exp(row[j] - mn); sum += row[j]; }
+          l[qi] = l[qi] * corr + sum;
+          m[qi] = mn;
+          float* a = &acc[qi * dv];
+          for (int64_t d = 0; d < dv; ++d) a[d] *= corr;
+        }
+        // values: read each row once, add it to every query's accumulator
+        const T* vb = v + b * v_sb + h * v_sh;
+        for (int64_t j = 0; j < n; ++j) {
+          const T* vr = vb + (s0 + j) * v_ss;
+          for (int64_t d = 0; d < dv; ++d) vf[d] = static_cast<float>(vr[d]);
+          for (int64_t qi = 0; qi < Q; ++qi) {
+            const float p = sc[qi * BLK + j];
+            if (m[qi] == -INFINITY || p == 0.f) continue;
+            float* a = &acc[qi * dv];
+            for (int64_t d = 0; d < dv; ++d) a[d] += p * vf[d];
+          }
+        }
+      }
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t qi = 0; qi < g; ++qi) {
+          const int64_t idx = gi * g + qi;
+          float* o = out + (((b * G + gi) * Hk + h) * g + qi) * dv;
+          const float inv = l[idx] > 0.f ? 1.f / l[idx] : 0.f;
+          for (int64_t d = 0; d < dv; ++d) o[d] = acc[idx * dv + d] * inv;
+        }
+    }
+  });
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor valid) {
+  TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.dim() == 4 && valid.dim() == 2, "decode_attention: shapes");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && valid.scalar_type() == torch::kBool, "decode_attention: dtypes");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
+  q = q.contiguous();
+  valid = valid.contiguous();
+  TORCH_CHECK(k.stride(4) == 1 && v.stride(3) == 1, "decode_attention: rows must be contiguous");
+  const int64_t B = q.size(0), G = q.size(1), Hk = q.size(2), g = q.size(3), dk = q.size(4);
+  const int64_t S = k.size(3), dv = v.size(3);
+  auto out = torch::empty({B, G, Hk, g, dv}, q.options());
+  if (k.scalar_type() == torch::kBFloat16)
+    decode_attention_impl(q.data_ptr<float>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+                          valid.data_ptr<bool>(), out.data_ptr<float>(), B, G, Hk, g, S, dk, dv,
+                          k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1),
+                          v.stride(2));
+  else
+    decode_attention_impl(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                          valid.data_ptr<bool>(), out.data_ptr<float>(), B, G, Hk, g, S, dk, dv,
+                          k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1),
+                          v.stride(2));
+  return out;
+}
+
 // Sum of a float32 buffer, read the way the GEMV reads weights: the machine's streaming-read
 // bandwidth for the roofline in `sambay bench`.
 double stream_read(torch::Tensor buf) {
@@ -309,6 +412,7 @@ double stream_read(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
+  m.def("decode_attention", &decode_attention, "one-query attention streaming K/V once");
   m.def("fast_paths", []() {
     std::vector<std::string> p;
 #ifdef SAMBAY_VNNI
