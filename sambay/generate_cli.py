@@ -60,8 +60,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely ids")
     p.add_argument("--min-p", type=float, default=None, metavar="P",
                    help="drop ids less likely than P times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="Hugging Face repetition penalty (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="Hugging Face repetition penalty (1 = off; default: the checkpoint's "
+                        "generation_config, else 1)")
     p.add_argument("--presence-penalty", type=float, default=0.0, metavar="X", help="OpenAI presence penalty")
     p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
                    help="OpenAI frequency penalty")
@@ -85,12 +86,14 @@ def sampling_params(args: argparse.Namespace, generation_config: dict | None):
     top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
     top_k = args.top_k if args.top_k is not None else gen.get("top_k", 0)
     min_p = args.min_p if args.min_p is not None else gen.get("min_p", 0.0)
+    repetition_penalty = (args.repetition_penalty if args.repetition_penalty is not None
+                          else gen.get("repetition_penalty", 1.0))
     if temperature is None:
         asked = args.top_p is not None or args.top_k is not None or args.min_p is not None
         temperature = 1.0 if asked else 0.0
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-        top_k=int(top_k or 0), min_p=float(min_p or 0.0), repetition_penalty=args.repetition_penalty,
+        top_k=int(top_k or 0), min_p=float(min_p or 0.0), repetition_penalty=float(repetition_penalty),
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         seed=args.seed, stop=list(args.stop),
     ).validate()
