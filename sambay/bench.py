@@ -1,17 +1,29 @@
-"""`sambay bench`: decode and prefill speed, held against this machine's measured limits.
+"""`sambay bench`: decode and prefill speed, held against this machine's measured limits, and the
+aggregate speed of `sambay serve` under concurrent clients.
 
 Decoding is memory-bound: each step reads every weight plus the decode state. So `bench decode`
 measures the machine's read bandwidth in the same run, counts the bytes one step actually reads,
 and reports the fraction of that roofline reached. Prefill is compute-bound and is compared with
-a large matmul's FLOP rate. Each prints a table for people and one JSON object as its last line.
+a large matmul's FLOP rate. `bench serve` starts a server (or uses --url) and has 1, then N clients
+stream at once: continuous batching should make N clients together much faster than one. Each
+prints a table for people and one JSON object as its last line.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -201,6 +213,191 @@ def run_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# bench serve: aggregate generation speed of `sambay serve` with N concurrent clients
+# ---------------------------------------------------------------------------------------------
+
+
+def spawn(serve_args: Sequence[str], log_path: str | os.PathLike, timeout: float = 120.0,
+          env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `sambay serve --port 0 SERVE_ARGS` as a child process, its stderr going to log_path;
+    return the process and its base URL once it listens (the model may still be loading)."""
+    log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "sambay.cli", "serve", "--port", "0", *serve_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(log_path).read_text(errors="replace").splitlines():
+            if line.startswith("sambay: listening on "):
+                return proc, line.split()[3]
+        if proc.poll() is not None:
+            raise SambayError(f"the server exited with status {proc.returncode}: "
+                              f"{Path(log_path).read_text(errors='replace').strip()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise SambayError(f"the server did not start listening within {timeout:.0f} s")
+
+
+def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll GET /health until it says 200."""
+    parts = urllib.parse.urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SambayError(f"the server exited with status {proc.returncode} while loading")
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SambayError(f"{url}/health did not say 200 within {timeout:.0f} s")
+
+
+def stream_completion(url: str, body: dict, api_key: str | None = None, timeout: float = 300.0) -> dict:
+    """POST a streaming /v1/completions with the standard library; returns the text, the
+    completion tokens (from the usage chunk), time to first text and total seconds."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    start = time.perf_counter()
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise SambayError(f"the server answered {resp.status}: {resp.read()[:500]!r}")
+    text, tokens, first = [], 0, None
+    for line in resp:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        obj = json.loads(data)
+        if obj.get("usage"):
+            tokens = obj["usage"]["completion_tokens"]
+        for c in obj.get("choices", []):
+            if c.get("text") and first is None:
+                first = time.perf_counter() - start
+            text.append(c.get("text", ""))
+    conn.close()
+    return {"text": "".join(text), "completion_tokens": tokens, "ttft": first,
+            "seconds": time.perf_counter() - start}
+
+
+def bench_clients(url: str, model: str, clients: Sequence[int] = (1, 32), max_tokens: int = 64,
+                  api_key: str | None = None, prompt: str = "The quick brown fox") -> list[dict]:
+    """For each count c in `clients`: c concurrent streaming clients each ask for `max_tokens`
+    greedy tokens (ignore_eos, so every one generates all of them). Returns one row per count with
+    the aggregate generated tokens/s (all clients' tokens over the wall time)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    stream_completion(url, {**body, "max_tokens": 2}, api_key)  # warm-up
+    rows = []
+    for c in clients:
+        results: list[dict | Exception] = [None] * c
+
+        def one(i: int) -> None:
+            try:
+                results[i] = stream_completion(url, body, api_key)
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(c)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise SambayError(f"{len(errors)} of {c} clients failed, e.g. {errors[0]}")
+        tokens = sum(r["completion_tokens"] for r in results)
+        rows.append({"clients": c, "completion_tokens": tokens, "seconds": round(wall, 3),
+                     "tokens_per_second": round(tokens / wall, 1),
+                     "per_client_tokens_per_second": round(tokens / wall / c, 1),
+                     "mean_ttft_s": round(sum(r["ttft"] or 0 for r in results) / c, 3)})
+    return rows
+
+
+# The `sambay serve` flags `bench serve` passes on to the server it starts (None: the server's default,
+# which also follows the server's SAMBAY_* environment variables).
+SERVE_FLAGS = ("model", "dtype", "quantize", "random_weights", "max_batch_size", "max_model_len")
+
+
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    """The `sambay serve` command line for the server `bench serve` starts."""
+    out = []
+    for name in SERVE_FLAGS:
+        value = getattr(args, name)
+        if value is None or value is False:
+            continue
+        out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    if getattr(args, "threads", 0):
+        out += ["--threads", str(args.threads)]
+    if args.api_key:
+        out += ["--api-key", args.api_key]
+    return out
+
+
+def _client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise SambayError(f"--clients must be comma-separated client counts of at least 1, such as 1,32; "
+                          f"got {text!r}")
+    return counts
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Without --url, starts `sambay serve` on a free loopback port, benchmarks it and stops it."""
+    clients = _client_counts(args.clients)
+    if args.tokens < 1:
+        raise SambayError(f"--tokens must be at least 1, got {args.tokens}")
+    given = [f"--{n.replace('_', '-')}" for n in SERVE_FLAGS if getattr(args, n) not in (None, False)]
+    if args.url and given:
+        raise SambayError(f"{', '.join(given)} only set up the server that bench serve starts, but --url "
+                          f"measures a running server as it is; drop {', '.join(given)} or drop --url")
+    serve_args = [] if args.url else _serve_args(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    proc = log = None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            fd, log = tempfile.mkstemp(prefix="sambay-bench-", suffix=".log")
+            os.close(fd)
+            print(f"starting sambay serve {' '.join(serve_args)} ...", file=sys.stderr, flush=True)
+            proc, url = spawn([*serve_args, "--no-access-log", "--max-queue", str(max(clients) + 8)], log)
+        wait_ready(url, proc=proc)
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request("GET", "/v1/models", headers=headers)
+        model = json.loads(conn.getresponse().read())["data"][0]["id"]
+        rows = bench_clients(url, model, clients, args.tokens, args.api_key)
+    except (SambayError, OSError, KeyError) as e:
+        print(f"sambay: error: {e}" + (f" (server log: {log})" if log else ""), file=sys.stderr)
+        return 2
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    if log:
+        os.unlink(log)
+    print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'tok/s/client':>13} {'ttft s':>7}")
+    for r in rows:
+        print(f"{r['clients']:>8} {r['completion_tokens']:>8} {r['seconds']:>8.2f} {r['tokens_per_second']:>8.1f} "
+              f"{r['per_client_tokens_per_second']:>13.1f} {r['mean_ttft_s']:>7.3f}")
+    print(json.dumps({"bench": "serve", "model": model, "server_args": serve_args, "tokens_per_client":
+                      args.tokens, "results": rows}))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or Hugging Face repo id")
     p.add_argument("--preset", default="phi4-mini-flash", help="preset to use when --model is not given")
@@ -210,7 +407,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    bench = sub.add_parser("bench", help="measure decode / prefill speed against this machine's limits")
+    bench = sub.add_parser("bench", help="measure decode / prefill speed against this machine's limits, "
+                                         "and the server's speed under concurrent clients")
     bsub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     d = bsub.add_parser("decode", help="decode tokens/s and fraction of the memory-bandwidth roofline")
     _common(d)
@@ -224,3 +422,24 @@ def register(sub) -> None:
     p.add_argument("--lengths", default="128,512,2048")
     p.add_argument("--chunk", type=int, default=512, help="tokens per prefill call")
     p.set_defaults(func=run_prefill)
+    s = bsub.add_parser(
+        "serve", help="aggregate tokens/s of `sambay serve` with 1, then N concurrent streaming clients",
+        description="Start `sambay serve` on a free loopback port (or use --url), have each count of "
+                    "--clients stream --tokens greedy tokens at once, print tokens/s per count, stop the server.")
+    s.add_argument("--clients", default="1,32", metavar="N,N,...",
+                   help="comma-separated client counts (default 1,32)")
+    s.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens each client generates (default 64)")
+    s.add_argument("--url", help="measure this running server instead of starting one")
+    s.add_argument("--api-key", default=os.environ.get("SAMBAY_API_KEY"), metavar="KEY",
+                   help="the server's API key; given to the server started [env SAMBAY_API_KEY]")
+    s.add_argument("--model", metavar="PATH|REPO|PRESET", help="model folder, Hugging Face repo id, or preset "
+                   "with --random-weights (default: the embedded model)")
+    s.add_argument("--random-weights", action="store_true", help="random weights of the model's shape")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight dtype (default: the checkpoint's)")
+    s.add_argument("--quantize", choices=["int8"], help="quantize the weights after loading")
+    s.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="requests the server decodes together (its default: 8)")
+    s.add_argument("--max-model-len", type=int, metavar="N", help="tokens per request, prompt + completion")
+    s.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="the server's CPU threads (same as `sambay --threads N bench serve`)")
+    s.set_defaults(func=run_serve)

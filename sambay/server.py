@@ -3,7 +3,7 @@
     sambay serve --model path/to/Phi-4-mini-flash-reasoning --quantize int8
     curl 127.0.0.1:8000/v1/chat/completions -d '{"model": "Phi-4-mini-flash-reasoning",
                                                 "messages": [{"role": "user", "content": "Hi"}]}'
-    python -m sambay.server --bench-clients 1,32 --model DIR --threads 2   # aggregate tokens/s
+    sambay bench serve --clients 1,32 --model DIR   # aggregate tokens/s (sambay/bench.py)
 
 Endpoints: GET /health (503 until the model is loaded, then 200), GET /metrics (Prometheus text),
 GET /v1/models, POST /v1/completions and POST /v1/chat/completions ("stream": true gives
@@ -11,9 +11,10 @@ server-sent events ending in `data: [DONE]`). Every flag has an environment twin
 
 The server starts listening at once and loads the model on the scheduler thread (sambay/scheduler.py),
 which then owns the Engine and batches every request's decode steps. Route handlers stay thin: a
-request body becomes prompt ids and one SamplingParams (`sampling_params`), then one Job per choice;
-the Jobs' Outputs become OpenAI JSON here. Every error has OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}, and never disturbs other requests.
+request body (a model in sambay/protocol.py) becomes prompt ids and one SamplingParams
+(`protocol.sampling_params`), then one Job per choice; the Jobs' Outputs become OpenAI JSON here.
+Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}} (`protocol.APIError`),
+and never disturbs other requests.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the handlers' real annotations
@@ -23,182 +24,36 @@ import argparse
 import asyncio
 import dataclasses
 import hmac
-import http.client
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-try:
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-except ImportError:  # no `serve` extra: the module must still import for `sambay --help`; run_serve
-    BaseModel, ValidationError = object, Exception  # then says what to install
-
-    def ConfigDict(**kw):  # noqa: N802 - stand-ins with pydantic's names
-        return kw
-
-    def Field(default=None, **kw):  # noqa: N802
-        return default
+from typing import Any
 
 from .errors import SambayError
+from .protocol import (SEED_RANGE, AnyRequest, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                       ModelInfo, parse_request, sampling_params)
 from .sampling import SamplingParams
 from .scheduler import Job, Metrics, NotAccepting, Output, QueueFull, Scheduler, TokenLogprob, outputs_of
 
 DEFAULT_MAX_MODEL_LEN = 8192  # tokens per batch row (prompt + completion) unless --max-model-len
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_N = 16
-SEED_RANGE = (-(2**63), 2**63 - 1)
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies, fields in the order of the OpenAI API reference; sambay's extras at the end
+# Request -> prompt ids (the SamplingParams come from protocol.sampling_params)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    # strict: "0.5" is not a number and 1.0 is not an integer, as in the OpenAI API. Unknown fields
-    # are refused (OpenAI: "Unrecognized request argument supplied") so a typo is never ignored.
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Body):
-    messages: list[ChatMessage]
-    model: str
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    top_p: float | None = Field(None, gt=0, le=1)
-    user: str | None = None
-    # sambay (and vLLM) extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool = False
-
-
-class CompletionRequest(_Body):
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool | None = False
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    user: str | None = None
-    # sambay (and vLLM) extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool = False
-
-
-AnyRequest = ChatCompletionRequest | CompletionRequest
-
-# What a field that accepts several shapes wants, for errors about it.
-SHAPES = {
-    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
-    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
-    "stop": "a string or a list of strings",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error response: HTTP status plus OpenAI's {"error": {...}} body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self):
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _validation_error(e: ValidationError) -> APIError:
-    """The first problem pydantic found, as a 400 naming the field (never FastAPI's 422)."""
-    err = e.errors()[0]
-    loc, union = [], False
-    for part in err["loc"]:
-        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
-            union = True  # pydantic names the union member it tried; the field is what matters
-            break
-        loc.append(part)
-    param = ".".join(str(p) for p in loc) or None
-    if err["type"] == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
-    if err["type"] in ("model_type", "model_attributes_type", "dict_type") and not loc:
-        return APIError(400, "the request body must be a JSON object")
-    if err["type"] == "missing":
-        return APIError(400, f"missing required field {param!r}", param=param)
-    field = str(loc[-1]) if loc else ""
-    got = repr(err.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
-    if union or field in SHAPES:
-        text = f"{param} must be {SHAPES.get(field, 'one of the documented types')}"
-    else:
-        text = f"{param}: {err['msg'][0].lower()}{err['msg'][1:]}"
-    return APIError(400, f"{text}, got {got}", param=param)
-
-
-async def parse_body(request, model: type[BaseModel]) -> Any:
+async def parse_body(request, model: type) -> Any:
     """The request's JSON as `model` (any content type: `curl -d` sends form-urlencoded)."""
     raw = await request.body()
     try:
@@ -207,90 +62,7 @@ async def parse_body(request, model: type[BaseModel]) -> Any:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise APIError(400, f"the request body is not valid JSON ({getattr(e, 'msg', e)}{where}); "
                             f"send one JSON object") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise _validation_error(e) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Request -> prompt ids and SamplingParams
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelInfo:
-    """What the handlers need to know about the loaded model (set once loading is done)."""
-
-    tokenizer: Any
-    vocab_size: int
-    max_model_len: int  # tokens per request: prompt + completion
-    max_tokens: int  # the most a request may ask to generate
-    stop_ids: list[int]
-    defaults: dict[str, float]  # sampling defaults from generation_config.json
-
-
-def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> SamplingParams:
-    """The one mapping from a request body to SamplingParams. Raises APIError (400) naming the field.
-
-    Sampling fields left out fall back to the checkpoint's generation_config.json, then to
-    OpenAI's defaults (temperature 1, top_p 1). max_tokens left out means 16 for completions
-    (OpenAI's default) and as much as fits for chat.
-    """
-    chat = isinstance(req, ChatCompletionRequest)
-    field = "messages" if chat else "prompt"
-    room = info.max_model_len - prompt_len
-    if room < 1:
-        raise APIError(400, f"the prompt is {prompt_len} tokens, but this server's context is "
-                            f"{info.max_model_len} tokens for prompt and completion together; shorten the "
-                            f"{field}", param=field, code="context_length_exceeded")
-    param, max_tokens = "max_tokens", req.max_tokens
-    if chat and req.max_completion_tokens is not None:
-        param, max_tokens = "max_completion_tokens", req.max_completion_tokens
-    if max_tokens is None:
-        max_tokens = min(info.max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS, info.max_tokens, room)
-    elif max_tokens < 1:
-        raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
-    elif max_tokens > info.max_tokens:
-        raise APIError(400, f"{param} is {max_tokens}, more than this server allows per request "
-                            f"({info.max_tokens}); ask for fewer", param=param)
-    elif max_tokens > room:
-        raise APIError(400, f"this server's context is {info.max_model_len} tokens, but {prompt_len + max_tokens} "
-                            f"were requested ({prompt_len} in the {field}, {max_tokens} for the completion); "
-                            f"lower {param} or shorten the {field}", param=param, code="context_length_exceeded")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed with \"stream\": true", param="stream_options")
-    if chat:
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        if req.echo or req.suffix is not None or (req.best_of or 1) != 1:
-            name = "echo" if req.echo else "suffix" if req.suffix is not None else "best_of"
-            raise APIError(400, f"{name} is not supported by this server", param=name)
-        logprobs = req.logprobs
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop):
-        raise APIError(400, "stop strings must not be empty", param="stop")
-
-    def pick(name: str, off: float) -> Any:
-        value = getattr(req, name)
-        return value if value is not None else info.defaults.get(name, off)
-
-    top_k = pick("top_k", 0)
-    params = SamplingParams(
-        max_new_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(int(top_k), 0),
-        top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
-        presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
-        seed=req.seed, stop_token_ids=[] if req.ignore_eos else list(info.stop_ids), stop=stop,
-        logprobs=logprobs)
-    try:
-        return params.validate()
-    except SambayError as e:
-        raise APIError(400, str(e)) from None
+    return parse_request(model, data)
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -974,166 +746,3 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     print("sambay: stopped", file=sys.stderr, flush=True)
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: aggregate generation speed with N concurrent clients
-# ---------------------------------------------------------------------------------------------
-
-
-def spawn(serve_args: Sequence[str], log_path: str | os.PathLike, timeout: float = 120.0,
-          env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `sambay serve --port 0 SERVE_ARGS` as a child process, its stderr going to log_path;
-    return the process and its base URL once it listens (the model may still be loading)."""
-    log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "sambay.cli", "serve", "--port", "0", *serve_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
-    log.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path(log_path).read_text(errors="replace").splitlines():
-            if line.startswith("sambay: listening on "):
-                return proc, line.split()[3]
-        if proc.poll() is not None:
-            raise SambayError(f"the server exited with status {proc.returncode}: "
-                              f"{Path(log_path).read_text(errors='replace').strip()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise SambayError(f"the server did not start listening within {timeout:.0f} s")
-
-
-def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll GET /health until it says 200."""
-    parts = urllib.parse.urlsplit(url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SambayError(f"the server exited with status {proc.returncode} while loading")
-        try:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SambayError(f"{url}/health did not say 200 within {timeout:.0f} s")
-
-
-def stream_completion(url: str, body: dict, api_key: str | None = None, timeout: float = 300.0) -> dict:
-    """POST a streaming /v1/completions with the standard library; returns the text, the
-    completion tokens (from the usage chunk), time to first text and total seconds."""
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    start = time.perf_counter()
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    conn.request("POST", "/v1/completions", json.dumps(body), headers)
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise SambayError(f"the server answered {resp.status}: {resp.read()[:500]!r}")
-    text, tokens, first = [], 0, None
-    for line in resp:
-        if not line.startswith(b"data: "):
-            continue
-        data = line[6:].strip()
-        if data == b"[DONE]":
-            break
-        obj = json.loads(data)
-        if obj.get("usage"):
-            tokens = obj["usage"]["completion_tokens"]
-        for c in obj.get("choices", []):
-            if c.get("text") and first is None:
-                first = time.perf_counter() - start
-            text.append(c.get("text", ""))
-    conn.close()
-    return {"text": "".join(text), "completion_tokens": tokens, "ttft": first,
-            "seconds": time.perf_counter() - start}
-
-
-def bench_clients(url: str, model: str, clients: Sequence[int] = (1, 32), max_tokens: int = 64,
-                  api_key: str | None = None, prompt: str = "The quick brown fox") -> list[dict]:
-    """For each count c in `clients`: c concurrent streaming clients each ask for `max_tokens`
-    greedy tokens (ignore_eos, so every one generates all of them). Returns one row per count with
-    the aggregate generated tokens/s (all clients' tokens over the wall time)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    stream_completion(url, {**body, "max_tokens": 2}, api_key)  # warm-up
-    rows = []
-    for c in clients:
-        results: list[dict | Exception] = [None] * c
-
-        def one(i: int) -> None:
-            try:
-                results[i] = stream_completion(url, body, api_key)
-            except Exception as e:  # noqa: BLE001 - reported below
-                results[i] = e
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(c)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise SambayError(f"{len(errors)} of {c} clients failed, e.g. {errors[0]}")
-        tokens = sum(r["completion_tokens"] for r in results)
-        rows.append({"clients": c, "completion_tokens": tokens, "seconds": round(wall, 3),
-                     "tokens_per_second": round(tokens / wall, 1),
-                     "per_client_tokens_per_second": round(tokens / wall / c, 1),
-                     "mean_ttft_s": round(sum(r["ttft"] or 0 for r in results) / c, 3)})
-    return rows
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    """python -m sambay.server [--bench-clients 1,32] [--bench-tokens 64] [--bench-url URL] [SERVE FLAGS]
-
-    Without --bench-url, starts `sambay serve SERVE FLAGS` on a free loopback port, benchmarks it
-    and stops it. Prints a table, then one JSON object as the last line."""
-    import tempfile
-
-    p = argparse.ArgumentParser(prog="python -m sambay.server", description=bench_main.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench-clients", default="1,32", help="comma-separated client counts (default 1,32)")
-    p.add_argument("--bench-tokens", type=int, default=64, help="tokens each client generates (default 64)")
-    p.add_argument("--bench-url", default=None, help="benchmark this running server instead of starting one")
-    p.add_argument("--bench-api-key", default=os.environ.get("SAMBAY_API_KEY"),
-                   help="the server's API key [env SAMBAY_API_KEY]")
-    args, serve_args = p.parse_known_args(argv)
-    clients = [int(c) for c in args.bench_clients.split(",") if c.strip()]
-    headers = {"Authorization": f"Bearer {args.bench_api_key}"} if args.bench_api_key else {}
-    proc = log = None
-    try:
-        if args.bench_url:
-            url = args.bench_url.rstrip("/")
-        else:
-            fd, log = tempfile.mkstemp(prefix="sambay-bench-", suffix=".log")
-            os.close(fd)
-            proc, url = spawn([*serve_args, "--no-access-log", "--max-queue", str(max(clients) + 8)], log)
-        wait_ready(url, proc=proc)
-        parts = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        conn.request("GET", "/v1/models", headers=headers)
-        model = json.loads(conn.getresponse().read())["data"][0]["id"]
-        rows = bench_clients(url, model, clients, args.bench_tokens, args.bench_api_key)
-    except (SambayError, OSError, KeyError) as e:
-        print(f"sambay: error: {e}" + (f" (server log: {log})" if log else ""), file=sys.stderr)
-        return 2
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-    if log:
-        os.unlink(log)
-    print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'tok/s/client':>13} {'ttft s':>7}")
-    for r in rows:
-        print(f"{r['clients']:>8} {r['completion_tokens']:>8} {r['seconds']:>8.2f} {r['tokens_per_second']:>8.1f} "
-              f"{r['per_client_tokens_per_second']:>13.1f} {r['mean_ttft_s']:>7.3f}")
-    print(json.dumps({"bench": "serve", "model": model, "server_args": serve_args, "tokens_per_client":
-                      args.bench_tokens, "results": rows}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(bench_main())

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import sambay
-from sambay.server import spawn, wait_ready
+from sambay.bench import spawn, wait_ready
 
 VOCAB = 512
 STOP_IDS = [0, 4]  # <|endoftext|> (the config's eos) and <|end|> (the end of a chat turn)
@@ -692,7 +692,7 @@ def test_help_shows_every_environment_twin(monkeypatch, capsys):
 
 
 def test_sampling_params_mapping():
-    from sambay.server import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
+    from sambay.protocol import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
 
     info = ModelInfo(tokenizer=None, vocab_size=VOCAB, max_model_len=100, max_tokens=50, stop_ids=[0, 4],
                      defaults={"temperature": 0.6, "top_p": 0.95})
