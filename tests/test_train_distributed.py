@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sambay
+
 from test_train import cli, prepare_corpus, read_metrics
 
 STEPS = 12
@@ -52,8 +54,17 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert want_train[STEPS] < want_train[1] - 0.3  # the run did learn something
     a, b = load_file(got / "model" / "model.safetensors"), load_file(want / "model" / "model.safetensors")
     assert a.keys() == b.keys()
+    cfg = sambay.preset("tiny")
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    keys = slice(cfg.num_attention_heads * hd, (cfg.num_attention_heads + cfg.num_key_value_heads) * hd)
     for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=name)
+        got_w, want_w = a[name].clone(), b[name].clone()
+        if name.endswith("attn.Wqkv.bias") and got_w.numel() > keys.start:
+            # A key bias adds the same amount to all of a query's scores, so its exact gradient is
+            # zero and AdamW turns rounding noise into steps: compare it loosely, the rest tightly.
+            torch.testing.assert_close(got_w[keys], want_w[keys], rtol=0, atol=1e-3, msg=name)
+            got_w[keys] = want_w[keys] = 0
+        torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_ddp_matches_single_process(corpus, single, tmp_path):
