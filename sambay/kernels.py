@@ -59,31 +59,31 @@ def _load():
 
 def native_status() -> str:
     _load()
-    return "native (AVX-512)" if _module is not None and _has_avx512() else \
-        "native (portable C++)" if _module is not None else f"pytorch ({_error})"
-
-
-def _has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512",)
+    if _module is None:
+        return f"pytorch ({_error})"
+    isa = {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability())
+    return f"native ({isa})" if isa else "native (portable C++)"
 
 
 def gemv_lowp_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Reference for the low-precision fast paths: the activations rounded the way the kernel
-    rounds them (int8 weights: int8 per block of 64 values; bf16 weights: bf16), then exact math."""
+    """Reference for the default (fast) path on this CPU: the activations rounded the way its
+    kernel rounds them (int8 weights with an int8 path: int8 per block of 64 values; bf16 weights
+    with bf16-dot: bf16), then exact math. Without such a path the activations stay float32."""
     x = x.float()
-    if w.dtype == torch.int8 and x.shape[1] % 64 == 0:
+    paths = fast_paths()
+    if w.dtype == torch.int8 and x.shape[1] % 64 == 0 and any(p.startswith("int8") for p in paths):
         blocks = x.reshape(x.shape[0], -1, 64)
         xs = blocks.abs().amax(-1, keepdim=True) / 127
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
         x = (torch.round(blocks * (1 / xs)) * xs).reshape_as(x)  # the kernel multiplies by 1/scale
-    elif w.dtype == torch.bfloat16:
+    elif w.dtype == torch.bfloat16 and "bf16-dot" in paths:
         x = x.bfloat16().float()
     y = F.linear(x.double(), w.double())
     return (y * scale.double() if scale is not None else y).float()
 
 
 def fast_paths() -> list[str]:
-    """Which low-precision dot-product paths this CPU build has (int8-vnni, bf16-dot)."""
+    """Which low-precision dot-product paths this CPU build has (int8-vnni or int8-avx2, bf16-dot)."""
     mod = _load()
     return list(mod.fast_paths()) if mod is not None else []
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -22,8 +22,13 @@ namespace {
 // Measured on an AVX-512 EPYC with matrices far larger than cache: up to K = 5120 one weight row
 // at a time (4 FMA chains) streams best; beyond, where the float32 activation row no longer sits
 // in L1, 8 weight rows sharing each activation load do.
+// With AVX2's 16 vector registers, 4 weight rows x 2 activation rows of accumulators fit.
 constexpr int64_t K_SHARE = 8192;
+#if defined(__AVX512F__)
 constexpr int64_t R_SHARE = 8;
+#else
+constexpr int64_t R_SHARE = 4;
+#endif
 
 template <typename W>
 inline float to_float(W v) { return static_cast<float>(v); }
@@ -64,6 +69,51 @@ inline void micro(const W* w, int64_t K, const float* x, int64_t ldx, float out[
       __m512 a = acc[r][m][0];
       for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[r][m][u]);
       float s = _mm512_reduce_add_ps(a);
+      for (int64_t kk = k; kk < K; ++kk) s += to_float(w[r * K + kk]) * x[m * ldx + kk];
+      out[r][m] = s;
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The AVX-512 micro-kernel above at 8 lanes.
+template <typename W, int R, int M_>
+inline void micro(const W* w, int64_t K, const float* x, int64_t ldx, float out[8][4]) {
+  constexpr int U = (R * M_ >= 4) ? 1 : 4 / (R * M_);
+  __m256 acc[R][M_][U];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load8(w + r * K + k + 8 * u);
+      for (int m = 0; m < M_; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k + 8 * u);
+        for (int r = 0; r < R; ++r) acc[r][m][u] = _mm256_fmadd_ps(wv[r], xv, acc[r][m][u]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m) {
+      __m256 a = acc[r][m][0];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[r][m][u]);
+      float s = hsum8(a);
       for (int64_t kk = k; kk < K; ++kk) s += to_float(w[r * K + kk]) * x[m * ldx + kk];
       out[r][m] = s;
     }
@@ -191,6 +241,135 @@ void gemv_vnni(const float* x, const int8_t* w, const float* scale, float* y, in
 #define SAMBAY_VNNI 1
 #endif
 
+#if !defined(SAMBAY_VNNI) && defined(__AVX2__) && defined(__FMA__)
+// ---- int8 weights x int8 activations (AVX2) -------------------------------------------------------
+// The activations are rounded exactly as on the VNNI path (int8 per block of 64, the same reference)
+// but kept signed: vpmaddubsw multiplies |x| (unsigned) by sign(x) * w (signed); with |x|, |w| <= 127
+// a pair sums to at most 32258, so the 16-bit step cannot saturate. vpmaddwd widens to 32 bits.
+constexpr int64_t QB = 64;
+
+void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) {
+  const int64_t nb = K / QB;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * K + b * QB;
+      float mx = 0.f;
+      for (int i = 0; i < QB; ++i) mx = std::max(mx, std::fabs(p[i]));
+      const float scale = mx > 0.f ? mx / 127.f : 1.f;
+      xs[m * nb + b] = scale;
+      const float inv = 1.f / scale;
+      for (int i = 0; i < QB; ++i)  // round half to even, as torch.round
+        xq[m * K + b * QB + i] = static_cast<int8_t>(std::nearbyint(p[i] * inv));
+    }
+}
+
+template <int M_>
+inline void q8_row(const int8_t* w, int64_t K, const int8_t* xq, const float* xs, float* out) {
+  const int64_t nb = K / QB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M_];
+  for (int m = 0; m < M_; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QB));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QB + 32));
+    for (int m = 0; m < M_; ++m) {
+      const int8_t* xp = xq + m * K + b * QB;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+      const __m256i p0 = _mm256_madd_epi16(
+          _mm256_maddubs_epi16(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0)), ones);
+      const __m256i p1 = _mm256_madd_epi16(
+          _mm256_maddubs_epi16(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1)), ones);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
+                               _mm256_set1_ps(xs[m * nb + b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M_; ++m) out[m] = hsum8(acc[m]);
+}
+
+void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
+             int64_t K) {
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * (K / QB));
+  quantize_activations_s8(x, M, K, xq.data(), xs.data());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[4];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const int8_t* xm = xq.data() + m0 * K;
+        const float* sm = xs.data() + m0 * (K / QB);
+        switch (mb) {
+          case 1: q8_row<1>(w + n * K, K, xm, sm, out); break;
+          case 2: q8_row<2>(w + n * K, K, xm, sm, out); break;
+          case 3: q8_row<3>(w + n * K, K, xm, sm, out); break;
+          default: q8_row<4>(w + n * K, K, xm, sm, out); break;
+        }
+        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] * scale[n];
+      }
+  });
+}
+#define SAMBAY_Q8AVX2 1
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// ---- bf16 weights, float32 activations (AVX2) -----------------------------------------------------
+// Exact like the generic path, with less work per weight: 16 bf16 weights in one 256-bit load hold
+// the even-indexed ones in the low halves of the 32-bit lanes and the odd ones in the high halves,
+// so a shift and a mask give both as float32. The activations are deinterleaved to match, once per call.
+template <int M_>
+inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, float* out) {
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[M_][2];
+  for (int m = 0; m < M_; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, hi_mask));
+    for (int m = 0; m < M_; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M_; ++m) {
+    float s = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int64_t kk = K16; kk < K; ++kk) s += static_cast<float>(w[kk]) * xp[m * K + kk];
+    out[m] = s;
+  }
+}
+
+void gemv_bf16_avx2(const float* x, const c10::BFloat16* w, const float* scale, float* y, int64_t M,
+                    int64_t N, int64_t K) {
+  std::vector<float> xp(M * K);  // per 16-block: the 8 even-indexed values, then the 8 odd ones
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        xp[m * K + k + i] = x[m * K + k + 2 * i];
+        xp[m * K + k + 8 + i] = x[m * K + k + 2 * i + 1];
+      }
+    for (int64_t k = K16; k < K; ++k) xp[m * K + k] = x[m * K + k];
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[4];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const float* xm = xp.data() + m0 * K;
+        switch (mb) {
+          case 1: bf16_row_avx2<1>(w + n * K, K, xm, out); break;
+          case 2: bf16_row_avx2<2>(w + n * K, K, xm, out); break;
+          case 3: bf16_row_avx2<3>(w + n * K, K, xm, out); break;
+          default: bf16_row_avx2<4>(w + n * K, K, xm, out); break;
+        }
+        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] * (scale ? scale[n] : 1.f);
+      }
+  });
+}
+#define SAMBAY_BF16AVX2 1
+#endif
+
 #if defined(__AVX512BF16__)
 // ---- bf16 weights x bf16 activations (vdpbf16ps, float32 accumulation) -------------------------
 template <int M_>
@@ -261,6 +440,12 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
         break;
       }
 #endif
+#ifdef SAMBAY_BF16AVX2
+      if (M <= 16) {  // exact: float32 activations
+        gemv_bf16_avx2(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), sp, y.data_ptr<float>(), M, N, K);
+        break;
+      }
+#endif
       gemv_impl(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), sp, y.data_ptr<float>(), M, N, K);
       break;
     case torch::kInt8:
@@ -268,6 +453,12 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
 #ifdef SAMBAY_VNNI
       if (exact == 0 && K % QB == 0) {
         gemv_vnni(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
+        break;
+      }
+#endif
+#ifdef SAMBAY_Q8AVX2
+      if (exact == 0 && K % QB == 0) {
+        gemv_q8(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
         break;
       }
 #endif
@@ -398,6 +589,16 @@ double stream_read(torch::Tensor buf) {
       a3 = _mm512_add_ps(a3, _mm512_loadu_ps(q + 48));
     }
     float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* q = p + b * 64;
+      a0 = _mm256_add_ps(a0, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 8)));
+      a1 = _mm256_add_ps(a1, _mm256_add_ps(_mm256_loadu_ps(q + 16), _mm256_loadu_ps(q + 24)));
+      a2 = _mm256_add_ps(a2, _mm256_add_ps(_mm256_loadu_ps(q + 32), _mm256_loadu_ps(q + 40)));
+      a3 = _mm256_add_ps(a3, _mm256_add_ps(_mm256_loadu_ps(q + 48), _mm256_loadu_ps(q + 56)));
+    }
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else
     float s = 0.f;
     for (int64_t i = b0 * 64; i < b1 * 64; ++i) s += p[i];
@@ -417,6 +618,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::vector<std::string> p;
 #ifdef SAMBAY_VNNI
     p.push_back("int8-vnni");
+#endif
+#ifdef SAMBAY_Q8AVX2
+    p.push_back("int8-avx2");
 #endif
 #ifdef SAMBAY_BF16DOT
     p.push_back("bf16-dot");
