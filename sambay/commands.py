@@ -73,6 +73,11 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"state       {info['state_bytes_per_token']:,} bytes per token of context ({dt} K/V of one "
           f"layer) + {_gib(info['state_bytes_fixed'])} fixed per sequence")
     print(f"context     up to {cfg.max_position_embeddings:,} tokens")
+    if args.kernels:
+        from . import kernels
+
+        print(f"kernels     {kernels.native_status()}; low-precision paths: "
+              f"{', '.join(kernels.fast_paths()) or 'none (exact float32 activations)'}")
     print("layers:")
     half = cfg.kv_layer
     for i, role in enumerate(info["layers"]):
@@ -88,6 +93,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="model folder, Hugging Face repo id, or preset name "
                                    "(default: the embedded default model)")
     p.add_argument("--preset", help="same as --model with a preset name, e.g. phi4-mini-flash")
+    p.add_argument("--kernels", action="store_true",
+                   help="also say which native decode kernels this CPU uses (compiles them on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run_info)
 

@@ -190,6 +190,10 @@ def test_cli_info_on_folder_and_preset(capsys):
     assert info["state_bytes_per_token"] == 5120
     assert main(["info", "--model", str(GOLDEN)]) == 0
     out = capsys.readouterr().out
-    assert "588,608" in out and "MSMSMA|GX" in out
+    assert "588,608" in out and "MSMSMA|GX" in out and "kernels" not in out
+    assert main(["info", "--model", str(GOLDEN), "--kernels"]) == 0
+    from sambay import kernels
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("kernels"))
+    assert kernels.native_status() in line and all(p in line for p in kernels.fast_paths())
     assert main(["info", "--model", "/no/such/dir"]) == 2
     assert "no model folder" in capsys.readouterr().err
