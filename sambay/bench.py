@@ -122,7 +122,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # the engine's mode, so the same code path is timed
 def run_decode(args: argparse.Namespace) -> int:
     from .kernels import native_status
 
@@ -178,7 +178,7 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.inference_mode()
+@torch.no_grad()  # the engine's mode, so the same code path is timed
 def run_prefill(args: argparse.Namespace) -> int:
     model = _load(args)
     cfg = model.config

@@ -208,7 +208,7 @@ class DiffLambda(nn.Module):
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init; cached while the parameters are unchanged
         and no gradient is wanted (it is the same scalar at every decode step)."""
         ps = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
-        key = tuple((p.data_ptr(), p._version) for p in ps) + (lambda_init,)
+        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in ps) + (lambda_init,)
         if torch.is_grad_enabled() or self._cached is None or self._cached[0] != key:
             value = (torch.exp(torch.dot(ps[0].float(), ps[1].float()))
                      - torch.exp(torch.dot(ps[2].float(), ps[3].float())) + lambda_init)

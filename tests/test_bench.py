@@ -1,0 +1,51 @@
+"""`sambay bench decode` / `prefill` on a tiny model: they run, and their figures add up.
+
+Speed itself is not asserted here (the machine is shared and noisy); the benchmarks report it.
+"""
+
+import json
+
+import pytest
+
+import sambay
+from sambay.cli import main
+
+
+def last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) > 1  # a table for people first
+    return json.loads(out[-1])
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_bench_decode_reports_consistent_figures(capsys, quantize):
+    assert main(["--threads", "1", "bench", "decode", "--preset", "tiny", "--random-weights",
+                 "--dtype", "float32", "--context", "100", "--tokens", "3", "--warmup", "1", *quantize]) == 0
+    r = last_json(capsys)
+    cfg = sambay.preset("tiny")
+    b = r["bytes_breakdown"]
+    assert r["bytes_per_step"] == b["total"] == b["weights"] + b["shared_kv"] + b["swa_kv"] + b["mamba_state"]
+    if not quantize:  # float32 weights, each read once (the tied head reads the embedding once)
+        assert abs(b["weights"] - 4 * cfg.num_parameters()) <= 4 * cfg.hidden_size
+    else:
+        assert b["weights"] < 2 * cfg.num_parameters()
+    kv_per_token = cfg.state_bytes_per_token(4)
+    readers = sum(k in ("A", "X") for k in cfg.layout)
+    assert b["shared_kv"] == pytest.approx(kv_per_token * 101 * readers, rel=0.02)
+    assert r["roofline_fraction"] == pytest.approx(r["achieved_gbs"] / r["bandwidth_gbs"], rel=0.02, abs=1e-3)
+    assert r["tokens_per_s"] > 0 and r["context"] == 100 and r["quantize"] == ("int8" if quantize else "none")
+
+
+def test_bench_prefill_reports_each_length(capsys):
+    assert main(["--threads", "1", "bench", "prefill", "--preset", "tiny", "--random-weights",
+                 "--dtype", "float32", "--lengths", "16,64"]) == 0
+    r = last_json(capsys)
+    assert r["bench"] == "prefill"
+    assert [row["tokens"] for row in r["results"]] == [16, 64]
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "decode", "--preset", "tiny", "--random-weights", "--tokens", "0"]) == 2
+    assert "--tokens" in capsys.readouterr().err
+    assert main(["bench", "decode", "--preset", "tiny", "--random-weights", "--context", "5000"]) == 2
+    assert "context" in capsys.readouterr().err
