@@ -263,50 +263,81 @@ void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, f
     }
 }
 
-template <int M_>
-inline void q8_row(const int8_t* w, int64_t K, const int8_t* xq, const float* xs, float* out) {
+// out[r * 4 + m] = dot(weight row r, activation row m) for R weight rows and M_ activation rows;
+// xa holds |x|, precomputed once per call.
+template <int R, int M_>
+inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t* xa, const float* xs,
+                    float* out) {
   const int64_t nb = K / QB;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[M_];
-  for (int m = 0; m < M_; ++m) acc[m] = _mm256_setzero_ps();
+  __m256 acc[R][M_];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QB));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QB + 32));
+    __m256i w0[R], w1[R];
+    for (int r = 0; r < R; ++r) {
+      w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB));
+      w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB + 32));
+    }
     for (int m = 0; m < M_; ++m) {
-      const int8_t* xp = xq + m * K + b * QB;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
-      const __m256i p0 = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0)), ones);
-      const __m256i p1 = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1)), ones);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
-                               _mm256_set1_ps(xs[m * nb + b]), acc[m]);
+      const int64_t off = m * K + b * QB;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off + 32));
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off + 32));
+      const __m256 sc = _mm256_set1_ps(xs[m * nb + b]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0[r], x0)), ones);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1[r], x1)), ones);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), sc, acc[r][m]);
+      }
     }
   }
-  for (int m = 0; m < M_; ++m) out[m] = hsum8(acc[m]);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M_; ++m) out[r * 4 + m] = hsum8(acc[r][m]);
 }
 
 void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
              int64_t K) {
   std::vector<int8_t> xq(M * K);
+  std::vector<uint8_t> xa(M * K);
   std::vector<float> xs(M * (K / QB));
   quantize_activations_s8(x, M, K, xq.data(), xs.data());
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float out[4];
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
+  for (int64_t i = 0; i < M * K; ++i) xa[i] = static_cast<uint8_t>(std::abs(static_cast<int>(xq[i])));
+  // Long rows (K > 4096): tiles of 4 weight rows, x loaded once for them; shorter rows stream
+  // best one at a time (measured on an AVX2 EPYC).
+  const bool tiled = K > 4096;
+  const int64_t R = tiled ? 4 : 1;
+  at::parallel_for(0, (N + R - 1) / R, tiled ? 4 : 16, [&](int64_t t0, int64_t t1) {
+    float out[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R, rows = std::min(R, N - n0);
+      const bool full = tiled && rows == 4;
+      const int64_t step = full ? 2 : 4;  // activation rows per tile: accumulators fit in registers
+      for (int64_t m0 = 0; m0 < M; m0 += step) {
+        const int64_t mb = std::min<int64_t>(step, M - m0);
         const int8_t* xm = xq.data() + m0 * K;
+        const uint8_t* am = xa.data() + m0 * K;
         const float* sm = xs.data() + m0 * (K / QB);
-        switch (mb) {
-          case 1: q8_row<1>(w + n * K, K, xm, sm, out); break;
-          case 2: q8_row<2>(w + n * K, K, xm, sm, out); break;
-          case 3: q8_row<3>(w + n * K, K, xm, sm, out); break;
-          default: q8_row<4>(w + n * K, K, xm, sm, out); break;
+        if (full) {
+          if (mb == 1) q8_tile<4, 1>(w + n0 * K, K, xm, am, sm, out);
+          else q8_tile<4, 2>(w + n0 * K, K, xm, am, sm, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            float one[16];
+            switch (mb) {
+              case 1: q8_tile<1, 1>(w + (n0 + r) * K, K, xm, am, sm, one); break;
+              case 2: q8_tile<1, 2>(w + (n0 + r) * K, K, xm, am, sm, one); break;
+              case 3: q8_tile<1, 3>(w + (n0 + r) * K, K, xm, am, sm, one); break;
+              default: q8_tile<1, 4>(w + (n0 + r) * K, K, xm, am, sm, one); break;
+            }
+            for (int64_t m = 0; m < mb; ++m) out[r * 4 + m] = one[m];
+          }
         }
-        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] * scale[n];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n0 + r] = out[r * 4 + m] * scale[n0 + r];
       }
+    }
   });
 }
 #define SAMBAY_Q8AVX2 1
