@@ -139,7 +139,9 @@ def pack_model(model):
 
 def prepare_for_inference(model, quantize: str | None = None):
     """The one call front-ends make after loading: int8 if asked, otherwise pack the existing
-    weights for the fast decode path. A checkpoint that is already int8 stays as it is."""
+    weights for the fast decode path. A checkpoint that is already int8 stays as it is.
+    The native kernels are built (first use) or loaded here, so that no timed step pays for it."""
+    kernels.native_status()
     if getattr(model, "quantization", None):
         _pack_dt_proj(model)
         return model
