@@ -24,6 +24,9 @@ namespace {
 // in L1, 8 weight rows sharing each activation load do.
 // With AVX2's 16 vector registers, 4 weight rows x 2 activation rows of accumulators fit.
 constexpr int64_t K_SHARE = 8192;
+// Software prefetch distance (bytes ahead in a weight row) of the AVX2 kernels: one thread must keep
+// enough reads in flight to stream at full bandwidth (measured +10-25% on an AVX2 EPYC).
+constexpr int64_t PF = 1024;
 #if defined(__AVX512F__)
 constexpr int64_t R_SHARE = 8;
 #else
@@ -275,7 +278,8 @@ inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t*
     for (int m = 0; m < M_; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i w0[R], w1[R];
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {  // prefetch well ahead: one thread must keep enough reads in flight
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + b * QB + PF), _MM_HINT_T0);
       w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB));
       w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB + 32));
     }
@@ -355,6 +359,7 @@ inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, fl
   for (int m = 0; m < M_; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const int64_t K16 = K / 16 * 16;
   for (int64_t k = 0; k < K16; k += 16) {
+    if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + PF, _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
     const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, hi_mask));
