@@ -146,6 +146,15 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_LEAVES
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Linux /proc/cpuinfo flags; True where unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """AdamW groups [decayed, not decayed] and the parameter names of each."""
     names: list[list[str]] = [[], []]
@@ -439,6 +448,9 @@ def _run(plan: Plan, env: D.DistEnv, on_step, quiet: bool) -> TrainResult:
     progress = Progress(s.steps, enabled=main, live=not quiet)
     for note in plan.notes:
         progress.message(f"sambay train: {note}")
+    if s.bf16 and env.device.type == "cpu" and not cpu_has_native_bf16():
+        progress.message("sambay train: note: this CPU has no bf16 arithmetic (no avx512_bf16 or amx_bf16), "
+                         "so bf16 autocast is emulated and usually slower than float32; consider --no-bf16")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / RUN_FILE).exists():

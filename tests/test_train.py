@@ -366,10 +366,13 @@ def test_resume_of_finished_run_only_reexports(baseline, corpus):
     assert (result.out / "model" / "model.safetensors").exists()
 
 
-def test_bf16_autocast_accumulation_without_eval(corpus, tmp_path, one_thread):
+def test_bf16_autocast_accumulation_without_eval(corpus, tmp_path, one_thread, monkeypatch, capsys):
     common = dict(steps=2, batch_size=2, seq_len=32, grad_accum=2, warmup=0, eval_every=0, save_every=0)
+    monkeypatch.setattr("sambay.train.cpu_has_native_bf16", lambda: False)
     fp32 = train(corpus, tmp_path / "fp32", sambay.preset("tiny"), quiet=True, **common)
+    assert "no bf16 arithmetic" not in capsys.readouterr().err  # only said when bf16 is asked for
     bf16 = train(corpus, tmp_path / "bf16", sambay.preset("tiny"), quiet=True, bf16=True, **common)
+    assert "bf16 autocast is emulated" in capsys.readouterr().err
     assert fp32.losses != bf16.losses  # autocast really ran the matmuls in bfloat16 ...
     assert bf16.losses == pytest.approx(fp32.losses, abs=0.05)  # ... and still trains the same model
     assert bf16.model.dtype == torch.float32  # weights stay float32
