@@ -251,7 +251,8 @@ void gemv_vnni(const float* x, const int8_t* w, const float* scale, float* y, in
 // a pair sums to at most 32258, so the 16-bit step cannot saturate. vpmaddwd widens to 32 bits.
 constexpr int64_t QB = 64;
 
-void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) {
+// xq = round(x / xs) per block of 64 and xa = |xq|, which vpmaddubsw takes as its unsigned operand.
+void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, uint8_t* xa, float* xs) {
   const int64_t nb = K / QB;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
@@ -261,13 +262,16 @@ void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, f
       const float scale = mx > 0.f ? mx / 127.f : 1.f;
       xs[m * nb + b] = scale;
       const float inv = 1.f / scale;
-      for (int i = 0; i < QB; ++i)  // round half to even, as torch.round
-        xq[m * K + b * QB + i] = static_cast<int8_t>(std::nearbyint(p[i] * inv));
+      for (int i = 0; i < QB; ++i) {  // round half to even, as torch.round
+        const int q = static_cast<int>(std::nearbyint(p[i] * inv));
+        xq[m * K + b * QB + i] = static_cast<int8_t>(q);
+        xa[m * K + b * QB + i] = static_cast<uint8_t>(std::abs(q));
+      }
     }
 }
 
 // out[r * 4 + m] = dot(weight row r, activation row m) for R weight rows and M_ activation rows;
-// xa holds |x|, precomputed once per call.
+// xa holds |xq| (see quantize_activations_s8).
 template <int R, int M_>
 inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t* xa, const float* xs,
                     float* out) {
@@ -306,8 +310,7 @@ void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int6
   std::vector<int8_t> xq(M * K);
   std::vector<uint8_t> xa(M * K);
   std::vector<float> xs(M * (K / QB));
-  quantize_activations_s8(x, M, K, xq.data(), xs.data());
-  for (int64_t i = 0; i < M * K; ++i) xa[i] = static_cast<uint8_t>(std::abs(static_cast<int>(xq[i])));
+  quantize_activations_s8(x, M, K, xq.data(), xa.data(), xs.data());
   // Long rows (K > 4096): tiles of 4 weight rows, x loaded once for them; shorter rows stream
   // best one at a time (measured on an AVX2 EPYC).
   const bool tiled = K > 4096;
