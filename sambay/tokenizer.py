@@ -651,14 +651,19 @@ _CONFIG_KEYS_WE_WRITE = {
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, *, phi4_fallback: bool = False) -> Tokenizer:
-    """Load the tokenizer of a checkpoint folder; "phi4" (or None) gives `phi4_tokenizer()`.
+    """Load the tokenizer of a checkpoint folder; None gives the embedded default model's (as
+    `load_model()` gives that model), "phi4" gives `phi4_tokenizer()`.
 
     The folder needs tokenizer.json (the authority when present) or vocab.json + merges.txt;
     tokenizer_config.json adds the chat template and special tokens. A Phi-4-mini-flash checkpoint
     without tokenizer files (its config.json says phi4flash, vocab 200064) gets the built-in Phi-4
     tokenizer, as does any folder without tokenizer files when `phi4_fallback` is true.
     """
-    if path is None or str(path) == "phi4":
+    if path is None:
+        from .checkpoint import DEFAULT_MODEL_DIR
+
+        path = DEFAULT_MODEL_DIR
+    if str(path) == "phi4":
         return phi4_tokenizer()
     folder = Path(path)
     if folder.is_file() and folder.name == "tokenizer.json":

@@ -27,7 +27,8 @@ def test_it_is_a_small_sambay_in_the_phi4_flash_layout():
 @torch.no_grad()
 def test_it_has_learned_english():
     """Mean loss on an English passage far below chance (ln V) and far below shuffled tokens."""
-    model, tok = sambay.load_model(dtype=torch.float32), sambay.load_tokenizer(FOLDER)
+    model, tok = sambay.load_model(dtype=torch.float32), sambay.load_tokenizer()  # no path: the embedded pair
+    assert tok.encode(TEXT) == sambay.load_tokenizer(FOLDER).encode(TEXT)
     ids = torch.tensor([tok.encode(TEXT)])
     shuffled = ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
 
