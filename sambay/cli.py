@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "sambay.data",  # prepare
     "sambay.train",  # train
     "sambay.bench",  # bench
+    "sambay.evals.cli",  # eval phonebook, needle, math
 ]
 
 
