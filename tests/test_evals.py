@@ -1,8 +1,10 @@
 """`sambay eval`: prompt formats, answer extraction and equivalence, Pass@1 and resume with a
 scripted model, and the three commands end to end on the embedded default model."""
 
+import contextlib
 import json
 import re
+import types
 
 import pytest
 import torch
@@ -222,9 +224,14 @@ def test_resume_after_an_interruption(tmp_path):
     assert len(out.read_text().splitlines()) == 1 + 5
     with out.open("a") as f:
         f.write('{"problem": 2, "sam')  # killed in the middle of a line
-    rerun = scripted(by_seed)
-    again = math_eval.run(PROBLEMS, rerun, settings, math_eval.ResultsFile(out, header))
-    assert len(rerun.calls) == 12 - 5
+    rerun, bars = scripted(by_seed), []
+
+    def progress(total, done):
+        bars.append([total, done])
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n: bars[-1].__setitem__(1, bars[-1][1] + n)))
+
+    again = math_eval.run(PROBLEMS, rerun, settings, math_eval.ResultsFile(out, header), progress=progress)
+    assert len(rerun.calls) == 12 - 5 and bars == [[12, 12]]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines[0] == {"settings": header}
     keys = [(r["problem"], r["sample"]) for r in lines[1:]]

@@ -230,8 +230,8 @@ def run_math(args: argparse.Namespace) -> int:
     print(f"results: {out}", file=sys.stderr, flush=True)
     generate = engine_generate(model, tokenizer, args.batch_size)
     start = time.perf_counter()
-    with _progress(len(problems) * settings.samples, "math") as bar:
-        score = math_eval.run(problems, generate, settings, results, render=render, progress=bar)
+    score = math_eval.run(problems, generate, settings, results, render=render,
+                          progress=lambda total, done: _progress(total, "math", initial=done))
     seconds = time.perf_counter() - start
     print(f"math: {len(problems)} problems x {settings.samples} samples, temperature {settings.temperature}, "
           f"top_p {settings.top_p}, up to {settings.max_new_tokens} new tokens ({_describe(model, args)})")

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,30 +236,33 @@ class ResultsFile:
 
 def run(problems: Sequence[Problem], generate: GenerateFn, settings: MathSettings,
         results: ResultsFile | None = None, render: Callable[[str], str] = lambda message: message,
-        progress=None) -> dict:
+        progress: Callable[[int, int], Any] | None = None) -> dict:
     """Sample every (problem, sample) not yet in `results`, score it, save it; return the score.
 
     render turns the user message into the prompt text (the CLI applies the chat template).
+    progress(total, already_done) makes a tqdm-like bar (told what was done before, so that its
+    rate and time left count this run's samples only).
     """
     done = results.load() if results is not None else {}
     todo = [(i, j) for i in range(len(problems)) for j in range(settings.samples) if (i, j) not in done]
-    if progress is not None:
-        progress.update(len(problems) * settings.samples - len(todo))
     prompts = [render(user_message(problems[i])) for i in range(len(problems))]
     records = dict(done)
-    for k, text in generate([prompts[i] for i, _ in todo], [settings.params(i, j) for i, j in todo]):
-        i, j = todo[k]
-        extracted = extract_boxed(text)
-        records[(i, j)] = rec = {
-            "problem": i, "sample": j, "seed": sample_seed(settings.seed, i, j),
-            "answer": problems[i].answer, "extracted": extracted,
-            "correct": is_equivalent(extracted, problems[i].answer), "output": text,
-        }
-        if results is not None:
-            results.append(rec)
-        if progress is not None:
-            progress.update(1)
+    with progress(len(problems) * settings.samples, len(done)) if progress else nullcontext() as bar:
+        for k, text in generate([prompts[i] for i, _ in todo], [settings.params(i, j) for i, j in todo]):
+            i, j = todo[k]
+            records[(i, j)] = rec = _record(problems[i], i, j, settings.seed, text)
+            if results is not None:
+                results.append(rec)
+            if bar is not None:
+                bar.update(1)
     return score(records, len(problems), settings.samples)
+
+
+def _record(problem: Problem, i: int, j: int, seed: int, text: str) -> dict:
+    """One results line: the sample's output, its extracted answer and whether it is right."""
+    extracted = extract_boxed(text)
+    return {"problem": i, "sample": j, "seed": sample_seed(seed, i, j), "answer": problem.answer,
+            "extracted": extracted, "correct": is_equivalent(extracted, problem.answer), "output": text}
 
 
 def score(records: Mapping[tuple[int, int], dict], problems: int, samples: int) -> dict:
