@@ -6,10 +6,11 @@
 """
 
 from .checkpoint import load_model, save_model
-from .config import PRESETS, SambaYConfig, preset
+from .config import PRESETS, Phi3Config, SambaYConfig, load_config, preset
 from .errors import SambayError
 from .engine import Engine, generate, stream
-from .model import DecodeState, SambaY, build_model
+from .model import CausalLM, DecodeState, SambaY, build_model
+from .transformer import Phi3
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -22,6 +23,6 @@ def load_tokenizer(path=None):
     return _load(path)
 
 
-__all__ = ["DecodeState", "Engine", "PRESETS", "SamplingParams", "SambaY", "SambaYConfig",
-           "SambayError", "build_model", "generate", "load_model", "load_tokenizer", "preset",
-           "save_model", "stream"]
+__all__ = ["CausalLM", "DecodeState", "Engine", "PRESETS", "Phi3", "Phi3Config", "SamplingParams", "SambaY",
+           "SambaYConfig", "SambayError", "build_model", "generate", "load_config", "load_model",
+           "load_tokenizer", "preset", "save_model", "stream"]

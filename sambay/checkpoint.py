@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import PRESETS, SambaYConfig, preset
+from .config import PRESETS, load_config, preset
 from .errors import SambayError
 from .io_utils import atomic_path, atomic_write_text
-from .model import FP32_PARAMS, SambaY, build_model
+from .model import FP32_PARAMS, CausalLM, build_model
 from .quant import QUANT_METHOD, int8_skeleton
 
 SINGLE_FILE = "model.safetensors"
@@ -73,8 +73,8 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-               random_weights: bool = False, seed: int = 0) -> SambaY:
-    """Load a SambaY model from a Hugging Face folder (or a preset with random weights).
+               random_weights: bool = False, seed: int = 0) -> CausalLM:
+    """Load a SambaY (or Phi3 baseline) model from a Hugging Face folder, or a preset with random weights.
 
     dtype: the weights' dtype (default: the checkpoint's `torch_dtype`, float32 for presets).
     A_log and the differential-attention lambdas always stay float32, as in the released files.
@@ -86,7 +86,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
         model.generation_config = {}
         model.source = f"preset {where} (random weights)"
         return model
-    cfg = SambaYConfig.from_json(where / "config.json")
+    cfg = load_config(where / "config.json")
     if dtype is None:
         dtype = getattr(torch, str(cfg.torch_dtype), torch.float32)
     quant = (cfg.extra.get("quantization_config") or {}).get("quant_method")
@@ -146,7 +146,7 @@ def _open(file: Path):
                           f"re-download or re-export it") from None
 
 
-def _load_weights(model: SambaY, folder: Path) -> None:
+def _load_weights(model: CausalLM, folder: Path) -> None:
     """Assign the checkpoint's tensors to a meta-device model, converting to its dtypes."""
     expected = {k: v for k, v in model.state_dict().items()}
     files = weight_files(folder)
@@ -182,7 +182,7 @@ def _load_weights(model: SambaY, folder: Path) -> None:
     model.load_state_dict(loaded, strict=True, assign=True)
 
 
-def save_model(model: SambaY, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3,
+def save_model(model: CausalLM, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3,
                dtype: torch.dtype | None = None, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face folder loadable by sambay and the reference code.
 
@@ -196,8 +196,8 @@ def save_model(model: SambaY, folder: str | os.PathLike, max_shard_bytes: int = 
     quantized = getattr(model, "quantization", None)
     state = {}
     for name, t in model.state_dict().items():
-        if name.startswith("lm_head.") and not quantized:
-            continue
+        if name.startswith("lm_head.") and cfg.tie_word_embeddings and not quantized:
+            continue  # the tied head is the embedding
         if t.dtype == torch.int8 or name.endswith("weight_scale"):
             state[name] = t.detach().contiguous()
             continue

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, SambaYConfig,
-                     preset)
+from .config import (ATTENTION, CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, ModelConfig,
+                     Phi3Config, load_config, preset)
 
 ROLE = {
     MAMBA: "Mamba-1 (selective SSM)",
@@ -16,29 +16,31 @@ ROLE = {
     KV_ATTENTION: "full attention, emits the shared K/V",
     GMU: "GMU (gated memory unit)",
     CROSS_ATTENTION: "cross-attention over the shared K/V",
+    ATTENTION: "self-attention with RoPE",
 }
 
 
-def model_config(name: str | None) -> tuple[SambaYConfig, str]:
+def model_config(name: str | None) -> tuple[ModelConfig, str]:
     from .checkpoint import resolve_model
 
     where = resolve_model(name)
     if isinstance(where, str):
         return preset(where), f"preset {where}"
-    return SambaYConfig.from_json(where / "config.json"), str(where)
+    return load_config(where / "config.json"), str(where)
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def describe(cfg: SambaYConfig, source: str, kv_bytes: int = 2) -> dict:
+def describe(cfg: ModelConfig, source: str, kv_bytes: int = 2) -> dict:
     kinds = cfg.layer_kinds
     rows = []
     for i, kind in enumerate(kinds):
         role = ROLE[kind]
-        if kind == SWA:
-            role += f" (window {cfg.sliding_window})" if cfg.sliding_window else " (no window: full)"
+        if kind in (SWA, ATTENTION):
+            window = cfg.window_of(i)
+            role += f" (window {window})" if window else "" if kind == ATTENTION else " (no window: full)"
         if kind in (SWA, KV_ATTENTION, CROSS_ATTENTION):
             role += ", differential" if cfg.differential_attention else ""
         rows.append(role)
@@ -63,15 +65,24 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
+    baseline = isinstance(cfg, Phi3Config)
     print(f"model       {info['source']}")
-    print(f"layout      {info['layout']}   (M Mamba, S sliding-window attn, A full attn | G GMU, X cross-attn)")
+    legend = ("T Transformer layer" if baseline else
+              "M Mamba, S sliding-window attn, A full attn | G GMU, X cross-attn")
+    print(f"layout      {info['layout']}   ({legend})")
     print(f"parameters  {info['parameters']:,}")
     print(f"hidden      {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads {info['heads']}")
-    print(f"mamba       d_inner {cfg.d_inner}, d_state {cfg.mamba_d_state}, d_conv {cfg.mamba_d_conv}, "
-          f"dt_rank {cfg.dt_rank}")
     dt = cfg.torch_dtype
-    print(f"state       {info['state_bytes_per_token']:,} bytes per token of context ({dt} K/V of one "
-          f"layer) + {_gib(info['state_bytes_fixed'])} fixed per sequence")
+    if baseline:
+        print(f"rope        {cfg.rotary_dim} of {cfg.head_dim} dims per head, theta {cfg.rope_theta:g}"
+              f"{', LongRoPE' if cfg.longrope else ''}")
+        print(f"state       {info['state_bytes_per_token']:,} bytes per token of context ({dt} K/V of "
+              f"all {cfg.num_hidden_layers} layers)")
+    else:
+        print(f"mamba       d_inner {cfg.d_inner}, d_state {cfg.mamba_d_state}, d_conv {cfg.mamba_d_conv}, "
+              f"dt_rank {cfg.dt_rank}")
+        print(f"state       {info['state_bytes_per_token']:,} bytes per token of context ({dt} K/V of one "
+              f"layer) + {_gib(info['state_bytes_fixed'])} fixed per sequence")
     print(f"context     up to {cfg.max_position_embeddings:,} tokens")
     if args.kernels:
         from . import kernels
@@ -79,9 +90,8 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"kernels     {kernels.native_status()}; low-precision paths: "
               f"{', '.join(kernels.fast_paths()) or 'none (exact float32 activations)'}")
     print("layers:")
-    half = cfg.kv_layer
     for i, role in enumerate(info["layers"]):
-        part = "self-decoder " if i <= half else "cross-decoder"
+        part = "decoder      " if baseline else "self-decoder " if i <= cfg.kv_layer else "cross-decoder"
         print(f"  {i:3d}  {part}  {role}")
     return 0
 

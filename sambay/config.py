@@ -1,8 +1,10 @@
-"""The SambaY model configuration: one dataclass that reads and writes Hugging Face `config.json`.
+"""Model configurations: dataclasses that read and write Hugging Face `config.json`.
 
-The field names are the keys of Phi-4-mini-flash-reasoning's `config.json`, so a config read from a
-checkpoint and written back is the same file (unknown keys such as `auto_map` are kept in `extra`).
-Everything else about the network, above all the per-layer layout, is derived from these fields.
+`SambaYConfig` is SambaY (Phi-4-mini-flash-reasoning); `Phi3Config` is the Transformer baseline it is
+compared with (Phi-4-mini-reasoning, Hugging Face's `Phi3ForCausalLM`). The field names are the keys
+of the real `config.json` files, so a config read from a checkpoint and written back is the same file
+(unknown keys such as `auto_map` are kept in `extra`). Everything else about the network, above all
+the per-layer layout, is derived from these fields. `load_config` picks the class from the file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ KV_ATTENTION = "kv_attention"  # full causal attention at L/2+1 whose K/V are sh
 GMU = "gmu"  # gated memory unit reading the shared memory
 CROSS_ATTENTION = "cross_attention"  # queries only, over the shared K/V
 
-LAYER_LETTERS = {MAMBA: "M", SWA: "S", MEMORY_MAMBA: "M", KV_ATTENTION: "A", GMU: "G", CROSS_ATTENTION: "X"}
+ATTENTION = "attention"  # the baseline Transformer's causal self-attention with RoPE
+
+LAYER_LETTERS = {MAMBA: "M", SWA: "S", MEMORY_MAMBA: "M", KV_ATTENTION: "A", GMU: "G", CROSS_ATTENTION: "X",
+                 ATTENTION: "T"}
 
 
 @dataclass
@@ -231,27 +236,11 @@ class SambaYConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SambaYConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise SambayError(f"no config.json at {path}: a model folder needs config.json next to its "
-                              f"weights") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SambayError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
-        if not isinstance(data, dict):
-            raise SambayError(f"{path} must hold a JSON object, found {type(data).__name__}")
-        archs = data.get("architectures") or []
-        model_type = data.get("model_type")
-        if ARCHITECTURE not in archs and model_type != MODEL_TYPE:
-            raise SambayError(f"{path} describes a {model_type or 'unknown'} model "
-                              f"(architectures {archs}); sambay loads {ARCHITECTURE} "
-                              f"(model_type '{MODEL_TYPE}') checkpoints such as "
-                              f"microsoft/Phi-4-mini-flash-reasoning")
-        try:
-            return cls.from_dict(data)
-        except TypeError as e:
-            raise SambayError(f"invalid SambaY config in {path}: {e}") from None
+        cfg = load_config(path)
+        if not isinstance(cfg, cls):
+            raise SambayError(f"{path} describes a {type(cfg).__name__.removesuffix('Config')} model, "
+                              f"not SambaY")
+        return cfg
 
     def to_json(self, path: str | os.PathLike) -> None:
         from .io_utils import atomic_write_text
@@ -260,6 +249,206 @@ class SambaYConfig:
 
     def replace(self, **changes: Any) -> SambaYConfig:
         return dataclasses.replace(self, **changes)
+
+
+PHI3_ARCHITECTURE = "Phi3ForCausalLM"
+PHI3_MODEL_TYPE = "phi3"
+
+
+@dataclass
+class Phi3Config:
+    """The Transformer baseline: Hugging Face's `Phi3ForCausalLM` (Phi-3, Phi-4-mini[-reasoning]).
+
+    Every layer is causal self-attention (fused qkv_proj, RoPE on the first `partial_rotary_factor`
+    of each head, grouped-query K/V) and a SwiGLU MLP (fused gate_up_proj), with RMSNorm. The defaults
+    are Phi-4-mini-reasoning's config.json. `rope_scaling` may hold LongRoPE factors
+    (`{"type": "longrope", "short_factor": [...], "long_factor": [...]}`), used as transformers does.
+    """
+
+    vocab_size: int = 200064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 24
+    num_key_value_heads: int = 8
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    original_max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.75
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = 262144
+    pad_token_id: int | None = 199999
+    bos_token_id: int | None = 199999
+    eos_token_id: int | list[int] | None = 199999
+    attention_dropout: float = 0.0
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    torch_dtype: str = "bfloat16"
+    use_cache: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [ATTENTION] * self.num_hidden_layers
+
+    @property
+    def layout(self) -> str:
+        return LAYER_LETTERS[ATTENTION] * self.num_hidden_layers
+
+    def window_of(self, layer: int) -> int | None:
+        return self.sliding_window
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return SambaYConfig.eos_token_ids.fget(self)
+
+    def validate(self) -> None:
+        def bad(msg: str) -> SambayError:
+            return SambayError(f"invalid Phi3 config: {msg}")
+
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "max_position_embeddings",
+                     "original_max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % H:
+            raise bad(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {H}")
+        if H % Hkv:
+            raise bad(f"num_attention_heads {H} is not a multiple of num_key_value_heads {Hkv}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise bad(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an "
+                      f"even number of rotary dimensions (head_dim {self.head_dim})")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise bad(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.hidden_act != "silu":
+            raise bad(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.attention_bias or self.mlp_bias or self.lm_head_bias:
+            raise bad("attention_bias, mlp_bias and lm_head_bias must be false (Phi-3 and Phi-4-mini "
+                      "have no biases)")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
+            if kind in ("su", "yarn"):  # older names of the same scheme, as transformers reads them
+                kind = "longrope"
+            if kind not in ("longrope", "default"):
+                raise bad(f"rope_scaling type must be 'longrope' (or absent), got {rs!r}")
+            if kind == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    f = rs.get(key)
+                    if not isinstance(f, list) or len(f) != self.rotary_dim // 2:
+                        raise bad(f"rope_scaling.{key} must list {self.rotary_dim // 2} numbers (half "
+                                  f"the rotary dimensions), got {f!r}")
+
+    @property
+    def longrope(self) -> bool:
+        rs = self.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type")) in ("longrope", "su", "yarn")
+
+    def num_parameters(self) -> int:
+        d, hd, H, Hkv, L = self.hidden_size, self.head_dim, self.num_attention_heads, \
+            self.num_key_value_heads, self.num_hidden_layers
+        per_layer = d * (H + 2 * Hkv) * hd + H * hd * d + 3 * d * self.intermediate_size + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + head + L * per_layer + d
+
+    def state_bytes_per_token(self, kv_bytes: int = 2) -> int:
+        """Decode-state bytes per token of context: K and V of every layer (within the window)."""
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * kv_bytes
+
+    def state_bytes_fixed(self, batch: int = 1, kv_bytes: int = 2) -> int:
+        return 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Phi3Config:
+        data = dict(data)
+        if data.get("num_key_value_heads") is None and "num_attention_heads" in data:
+            data["num_key_value_heads"] = data["num_attention_heads"]
+        # transformers 5 writes RoPE settings as `rope_parameters`; older files as rope_theta/rope_scaling.
+        params = data.pop("rope_parameters", None)
+        if isinstance(params, dict):
+            data.setdefault("rope_theta", params.get("rope_theta", 10000.0))
+            data.setdefault("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+            if params.get("rope_type", "default") != "default":
+                data.setdefault("rope_scaling", {k: v for k, v in params.items()
+                                                 if k not in ("rope_theta", "partial_rotary_factor")})
+        data.setdefault("partial_rotary_factor", 1.0)  # absent in Phi-3 files: the whole head rotates
+        data.setdefault("sliding_window", None)
+        data.setdefault("tie_word_embeddings", False)  # transformers' default for Phi3
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in known}
+        for written_by_to_dict in ("architectures", "model_type"):
+            data.pop(written_by_to_dict, None)
+        return cls(**kwargs, extra=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [PHI3_ARCHITECTURE], "model_type": PHI3_MODEL_TYPE}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        SambaYConfig.to_json(self, path)
+
+    def replace(self, **changes: Any) -> Phi3Config:
+        return dataclasses.replace(self, **changes)
+
+
+ModelConfig = SambaYConfig | Phi3Config
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """The config of the family named by `architectures` or `model_type`."""
+    archs = data.get("architectures") or []
+    model_type = data.get("model_type")
+    if PHI3_ARCHITECTURE in archs or model_type == PHI3_MODEL_TYPE:
+        cls = Phi3Config
+    elif ARCHITECTURE in archs or model_type == MODEL_TYPE:
+        cls = SambaYConfig
+    else:
+        raise SambayError(f"{where} describes a {model_type or 'unknown'} model (architectures {archs}); "
+                          f"sambay loads {ARCHITECTURE} (model_type '{MODEL_TYPE}') checkpoints such as "
+                          f"microsoft/Phi-4-mini-flash-reasoning, and the {PHI3_ARCHITECTURE} baseline "
+                          f"(Phi-3, Phi-4-mini)")
+    try:
+        return cls.from_dict(data)
+    except TypeError as e:
+        raise SambayError(f"invalid {cls.__name__.removesuffix('Config')} config in {where}: {e}") from None
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read a config.json of either family."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SambayError(f"no config.json at {path}: a model folder needs config.json next to its "
+                          f"weights") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SambayError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
+    if not isinstance(data, dict):
+        raise SambayError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return config_from_dict(data, str(path))
 
 
 def _tiny(**kw: Any) -> SambaYConfig:
@@ -271,20 +460,42 @@ def _tiny(**kw: Any) -> SambaYConfig:
     return SambaYConfig(**base)
 
 
-# Named presets. `phi4-mini-flash` is the exact released shape; the others keep its layer layout
-# (Mamba/SWA self-decoder, one full-attention layer, GMU/cross-attention cross-decoder) at sizes
-# that run quickly on a laptop CPU.
+def _tiny_phi3(**kw: Any) -> Phi3Config:
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                sliding_window=None, pad_token_id=511, bos_token_id=511, eos_token_id=511,
+                torch_dtype="float32")
+    base.update(kw)
+    return Phi3Config(**base)
+
+
+# Named presets. `phi4-mini-flash` and `phi4-mini` are the exact released shapes (SambaY and its
+# Transformer baseline); the others run quickly on a laptop CPU. The `-scaled` pair keeps both
+# released layouts, layer counts, head counts and the ratio of their decode-state sizes (25.6x per
+# token) at a quarter of the width, for the generation benchmark. `small-phi3` is a Transformer++
+# (full RoPE) of the same size as `small`, for training comparisons.
 PRESETS: dict[str, Any] = {
     "phi4-mini-flash": lambda: SambaYConfig(),
+    "phi4-mini": lambda: Phi3Config(),
+    "phi4-mini-flash-scaled": lambda: SambaYConfig(
+        vocab_size=32064, hidden_size=640, intermediate_size=2560, num_attention_heads=40,
+        num_key_value_heads=20, pad_token_id=32000, bos_token_id=32000, eos_token_id=32000),
+    "phi4-mini-scaled": lambda: Phi3Config(
+        vocab_size=32064, hidden_size=768, intermediate_size=2048, num_attention_heads=24,
+        num_key_value_heads=8, pad_token_id=32000, bos_token_id=32000, eos_token_id=32000),
     "tiny": lambda: _tiny(),
     "tiny-nodiff": lambda: _tiny(differential_attention=False),
+    "tiny-phi3": lambda: _tiny_phi3(partial_rotary_factor=0.75),
     "small": lambda: _tiny(vocab_size=4096, hidden_size=256, intermediate_size=1024,
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                            sliding_window=128, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    "small-phi3": lambda: _tiny_phi3(vocab_size=4096, hidden_size=256, intermediate_size=1152,
+                                     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0),
 }
 
 
-def preset(name: str) -> SambaYConfig:
+def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]()
     except KeyError:

@@ -14,8 +14,8 @@ prefilled alone through `state.rows(slot)`, in chunks of `prefill_chunk` tokens,
 waste nothing on padding and a long prompt never needs more than one chunk's activations. The
 active requests always sit in rows 0..n-1: when one finishes, the last active row is moved into
 its place, so every decode step is one call on `state.rows(slice(0, n))` and finished requests
-cost nothing. Rows may sit at different lengths: SambaY has no positional encoding, so this is
-exact.
+cost nothing. Rows may sit at different lengths: positions are kept per row (SambaY has no
+positional encoding; the Phi3 baseline rotates each row by its own positions), so this is exact.
 
 A step samples every active request's next token from the logits it holds, reports it, and feeds
 the tokens of the requests that go on through the model in one call. A request that ends is never

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, SambaYConfig)
+from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, Phi3Config,
+                     SambaYConfig)
 from .errors import SambayError
 
 # Parameters kept in float32 whatever the model dtype, as in the released checkpoint.
@@ -49,7 +50,8 @@ class Positions:
 
 
 class DecodeState:
-    """Preallocated decode state for a batch of sequences, indexed by layer.
+    """Preallocated decode state for a batch of sequences, indexed by layer. (The Transformer baseline
+    uses the same object: each of its layers keeps K/V like the full-attention layer here.)
 
     Mamba layers: conv window (B, d_conv-1, e) and SSM state (B, e, n) in float32.
     SWA layers: K/V ring buffers holding the last `window` positions (slot = position % window).
@@ -59,28 +61,19 @@ class DecodeState:
     lengths while decoding, which is what batching of ragged requests needs.
     """
 
-    def __init__(self, model: SambaY, batch_size: int, max_length: int):
-        cfg = model.config
+    def __init__(self, model: CausalLM, batch_size: int, max_length: int):
         p = model.model.embed_tokens.weight
         dtype, device = (p.dtype if p.dtype.is_floating_point else torch.float32), p.device
         self.batch_size, self.max_length = batch_size, max_length
-        L = cfg.num_hidden_layers
+        L = len(model.model.layers)
         self.conv: list[torch.Tensor | None] = [None] * L
         self.ssm: list[torch.Tensor | None] = [None] * L
         self.k: list[torch.Tensor | None] = [None] * L
         self.v: list[torch.Tensor | None] = [None] * L
-        for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.model.layers)):
-            if kind in (MAMBA, MEMORY_MAMBA):
-                self.conv[i] = torch.zeros(batch_size, cfg.mamba_d_conv - 1, cfg.d_inner, dtype=dtype,
-                                           device=device)
-                self.ssm[i] = torch.zeros(batch_size, cfg.d_inner, cfg.mamba_d_state,
-                                          dtype=torch.float32, device=device)
-            elif kind in (SWA, KV_ATTENTION):
-                window = cfg.window_of(i)
-                slots = max_length if window is None else min(window, max_length)
-                kshape, vshape = layer.attn.cache_shapes(batch_size, slots)
-                self.k[i] = torch.zeros(kshape, dtype=dtype, device=device)
-                self.v[i] = torch.zeros(vshape, dtype=dtype, device=device)
+        for i, layer in enumerate(model.model.layers):  # each layer says what it keeps
+            for name, (shape, fp32) in layer.state_shapes(batch_size, max_length).items():
+                getattr(self, name)[i] = torch.zeros(shape, dtype=torch.float32 if fp32 else dtype,
+                                                     device=device)
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
@@ -239,6 +232,12 @@ class Attention(nn.Module):
         if self.diff:
             self.inner_cross_attn = DiffLambda(hd)
 
+    def state_shapes(self, batch: int, max_length: int) -> dict[str, tuple[tuple, bool]]:
+        """K/V buffers: every position (full attention) or a ring of the last `window` ones."""
+        slots = max_length if self.window is None else min(self.window, max_length)
+        kshape, vshape = self.cache_shapes(batch, slots)
+        return {"k": (kshape, False), "v": (vshape, False)}
+
     def cache_shapes(self, batch: int, slots: int):
         if self.diff:
             return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv // 2, slots, 2 * self.hd)
@@ -262,13 +261,7 @@ class Attention(nn.Module):
             kv = qkv[..., self.H * self.hd:].view(B, T, 2 * self.Hkv, self.hd)
             k, v = self.to_cache_layout(kv[:, :, : self.Hkv], kv[:, :, self.Hkv:])
             k, v, k_pos, k_valid = self._with_cache(k, v, at, layer)
-        mask = None
-        if T == 1:  # decode: one mask per step for all layers reading the same keys
-            key = ("mask", self.window, id(k_pos))
-            if key not in at.memo:
-                at.memo[key] = (k_pos, ops.attention_mask(at.pos, k_pos, k_valid, self.window))
-            mask = at.memo[key][1]
-        o = self._attend(q, k, v, at.pos, k_pos, k_valid, mask)
+        o = self._attend(q, k, v, at, k_pos, k_valid)
         out = self.out_proj(o.to(h.dtype))
         return out, ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
 
@@ -305,9 +298,16 @@ class Attention(nn.Module):
         _write(kc, vc, k[:, :, -keep:], v[:, :, -keep:], start + T - keep, slots)
         return keys, vals, pos, valid
 
-    def _attend(self, q, k, v, q_pos, k_pos, k_valid, mask=None):
+    def _attend(self, q, k, v, at: Positions, k_pos, k_valid):
+        """q (B, T, H, hd) over keys/values in cache layout -> (B, T, H * hd)."""
         drop = self.dropout if self.training else 0.0
         B, T = q.shape[:2]
+        q_pos, mask = at.pos, None
+        if T == 1:  # decode: one mask per step for all layers reading the same keys
+            key = ("mask", self.window, id(k_pos))
+            if key not in at.memo:
+                at.memo[key] = (k_pos, ops.attention_mask(at.pos, k_pos, k_valid, self.window))
+            mask = at.memo[key][1]
         if not self.diff:
             o = ops.attention(q.transpose(1, 2), k, v, q_pos, k_pos, k_valid, self.window, drop, mask)
             return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
@@ -384,6 +384,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
+    def state_shapes(self, batch: int, max_length: int) -> dict[str, tuple[tuple, bool]]:
+        """Decode-state tensors this layer keeps: name -> (shape, kept in float32)."""
+        if self.kind in (MAMBA, MEMORY_MAMBA):
+            m = self.attn
+            e, k = m.conv1d.weight.shape[0], m.conv1d.weight.shape[-1]
+            return {"conv": ((batch, k - 1, e), False), "ssm": ((batch, e, m.d_state), True)}
+        if self.kind in (SWA, KV_ATTENTION):
+            return self.attn.state_shapes(batch, max_length)
+        return {}  # GMU and cross-attention read what others keep
+
     def forward(self, h, at: Positions, carry):
         """h: float32 residual stream (B, T, d). `carry` is the shared memory for Mamba/GMU layers and
         the shared K/V for attention layers; each layer passes on what the next of its kind needs."""
@@ -403,19 +413,22 @@ class SambaYModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
-class SambaY(nn.Module):
-    """The causal LM. `model(ids)` -> logits (B, T, V); with `state=` it prefills or decodes."""
+class CausalLM(nn.Module):
+    """What every model family shares: the engine's calling convention, positions, the output head.
 
-    def __init__(self, config: SambaYConfig):
+    A family subclass has `config`, `model.embed_tokens`, `model.layers` (each with
+    `state_shapes(batch, max_length)`), and `_body(h, at, keep, hidden)` running its layers and final
+    norm. `lm_head` None means the head is the tied embedding; quantization may install its own module.
+    """
+
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = SambaYModel(config)
-        # None: the output head is the (tied) embedding. Quantization may install its own module.
         self.lm_head: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.final_layernorm.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def new_state(self, batch_size: int = 1, max_length: int | None = None) -> DecodeState:
         max_length = max_length or self.config.max_position_embeddings
@@ -428,10 +441,9 @@ class SambaY(nn.Module):
 
         Without a state: one causal forward; logits for all T positions unless `logits_to_keep`.
         With a state: consumes the tokens after those it holds and returns the logits of the last
-        `logits_to_keep` (default 1) positions; only those go through the cross-decoder.
+        `logits_to_keep` (default 1) positions (SambaY runs only those through its cross-decoder).
         """
         B, T = input_ids.shape
-        cfg = self.config
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(torch.bool))
         if state is None:
@@ -446,23 +458,16 @@ class SambaY(nn.Module):
 
         h = self.model.embed_dropout(self.model.embed_tokens(input_ids)).float()
         hidden = [h] if output_hidden_states else None
-        memory = kv = None
-        for layer in self.model.layers:
-            if layer.index == cfg.kv_layer + 1 and keep < T:  # cross-decoder: wanted positions only
-                h, memory, at = h[:, -keep:], memory[:, -keep:], at.select(keep)
-            if layer.kind in (MAMBA, MEMORY_MAMBA, GMU):
-                h, memory = layer(h, at, memory)
-            else:
-                h, kv = layer(h, at, kv)
-            if hidden is not None:
-                hidden.append(h)
-        h = self.model.final_layernorm(h.to(self.dtype))
+        h = self._body(h, at, keep, hidden)  # (B, keep, d), final norm applied
         if hidden is not None:
             hidden[-1] = h
-        logits = self.logits(h)
+        logits = self.logits(h[:, -keep:])
         if state is not None:
             state.lengths += T
         return (logits, hidden) if output_hidden_states else logits
+
+    def _body(self, h: torch.Tensor, at: Positions, keep: int, hidden: list | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
@@ -489,8 +494,7 @@ class SambaY(nn.Module):
         state.valid.scatter_(1, pos, valid)
         return pos
 
-    # ---- construction ----------------------------------------------------------------------------
-    def init_weights(self, seed: int = 0, fast: bool = False) -> SambaY:
+    def init_weights(self, seed: int = 0, fast: bool = False) -> CausalLM:
         """Random initialization for training from scratch (Mamba's own init for its SSM parts).
 
         fast: fill large matrices by tiling one pool of 4M random normals instead of drawing every
@@ -503,6 +507,28 @@ class SambaY(nn.Module):
         for name, p in self.named_parameters():
             _init_param(name, p, std, self.config, g, pool)
         return self
+
+
+class SambaY(CausalLM):
+    """The causal LM. `model(ids)` -> logits (B, T, V); with `state=` it prefills or decodes."""
+
+    def __init__(self, config: SambaYConfig):
+        super().__init__(config)
+        self.model = SambaYModel(config)
+
+    def _body(self, h, at: Positions, keep: int, hidden: list | None) -> torch.Tensor:
+        T = h.shape[1]
+        memory = kv = None
+        for layer in self.model.layers:
+            if layer.index == self.config.kv_layer + 1 and keep < T:  # cross-decoder: wanted positions only
+                h, memory, at = h[:, -keep:], memory[:, -keep:], at.select(keep)
+            if layer.kind in (MAMBA, MEMORY_MAMBA, GMU):
+                h, memory = layer(h, at, memory)
+            else:
+                h, kv = layer(h, at, kv)
+            if hidden is not None:
+                hidden.append(h)
+        return self.model.final_layernorm(h.to(self.dtype))
 
 
 _POOL = 1 << 22
@@ -541,20 +567,23 @@ def _init_param(name: str, p: torch.Tensor, std: float, cfg: SambaYConfig, g: to
         p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / math.sqrt(k))
     elif leaf == "bias":
         p.zero_()
-    elif "layernorm" in name or "subln" in name:
+    elif "layernorm" in name or "subln" in name or name.endswith("norm.weight"):
         p.fill_(1.0)
-    elif name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+    elif name.endswith(("out_proj.weight", "fc2.weight", "o_proj.weight", "down_proj.weight")):
         normal(0.0, std / math.sqrt(2 * cfg.num_hidden_layers))  # scaled residual projections
     else:
         normal(0.0, std)
 
 
-def build_model(config: SambaYConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                init: bool = True, seed: int = 0, fast_init: bool = False) -> SambaY:
-    """Build a model without a float32 detour: allocate on the meta device, then materialize
-    directly in `dtype` (a 3.8B-parameter bf16 model needs 7.7 GB, not 15 GB first)."""
+def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                init: bool = True, seed: int = 0, fast_init: bool = False) -> CausalLM:
+    """Build the model of `config`'s family (SambaY, or the Phi3 Transformer baseline) without a
+    float32 detour: allocate on the meta device, then materialize directly in `dtype` (a
+    3.8B-parameter bf16 model needs 7.7 GB, not 15 GB first)."""
+    from .transformer import Phi3  # the baseline's module builds on this one
+
     with torch.device("meta"):
-        model = SambaY(config)
+        model = Phi3(config) if isinstance(config, Phi3Config) else SambaY(config)
     for name, p in model.named_parameters():
         want = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
         if p.dtype != want:

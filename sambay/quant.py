@@ -101,25 +101,27 @@ def int8_skeleton(model):
         bias = None if lin.bias is None else torch.empty(N, dtype=lin.bias.dtype, device="meta")
         setattr(parent, name, PackedLinear(torch.empty(N, K, dtype=torch.int8, device="meta"), bias,
                                            torch.empty(N, device="meta"), out_dtype=lin.weight.dtype))
-    emb = model.model.embed_tokens.weight
-    model.lm_head = PackedLinear(torch.empty(emb.shape, dtype=torch.int8, device="meta"), None,
-                                 torch.empty(emb.shape[0], device="meta"), out_dtype=emb.dtype)
+    if model.lm_head is None:  # tied head: an int8 copy of the embedding
+        emb = model.model.embed_tokens.weight
+        model.lm_head = PackedLinear(torch.empty(emb.shape, dtype=torch.int8, device="meta"), None,
+                                     torch.empty(emb.shape[0], device="meta"), out_dtype=emb.dtype)
     model.quantization = "int8"
     return model
 
 
 @torch.no_grad()
 def quantize_model(model, mode: str = "int8"):
-    """In place: every nn.Linear and the tied output head become int8 PackedLinear layers."""
+    """In place: every nn.Linear and the output head (tied or not) become int8 PackedLinear layers."""
     if mode != "int8":
         from .errors import SambayError
 
         raise SambayError(f"unknown quantization {mode!r}; supported: int8")
-    for parent, name, lin in _linears(model):
+    for parent, name, lin in _linears(model):  # an untied lm_head is one of them
         setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
-    emb = model.model.embed_tokens.weight
-    q, s = quantize_int8(emb.detach())
-    model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
+    if model.lm_head is None:  # tied head: an int8 copy of the embedding, which stays for lookups
+        emb = model.model.embed_tokens.weight
+        q, s = quantize_int8(emb.detach())
+        model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
     _pack_dt_proj(model)
     model.quantization = mode
     return model

@@ -1,4 +1,5 @@
-"""`sambay train`: pretrain a SambaY model on a prepared token folder, on one or many processes.
+"""`sambay train`: pretrain a SambaY model (or the Phi3 Transformer baseline, e.g. `--preset
+small-phi3`) on a prepared token folder, on one or many processes.
 
     sambay prepare --builtin classics --train-tokenizer 4096 --out data/classics
     sambay train --preset small --data data/classics --out runs/small --steps 2000 --seq-len 256
@@ -50,10 +51,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed as D
-from .config import PRESETS, SambaYConfig, preset
+from .config import PRESETS, ModelConfig, config_from_dict, load_config, preset
 from .errors import SambayError
 from .io_utils import atomic_write_text
-from .model import SambaY, build_model
+from .model import CausalLM, build_model
 from .train_log import Metrics, Progress
 
 CHECKPOINT_FORMAT = "sambay-train-checkpoint"
@@ -127,7 +128,7 @@ TRAJECTORY = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "w
 
 @dataclass
 class TrainResult:
-    model: SambaY | None  # the trained model in eval mode (None on ranks > 0 under FSDP)
+    model: CausalLM | None  # the trained model in eval mode (None on ranks > 0 under FSDP)
     step: int
     losses: list[float]  # training loss of each step this call ran
     val_loss: float | None
@@ -182,9 +183,9 @@ def learning_rate(step: int, s: TrainSettings) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_overrides(cfg: SambaYConfig, overrides: list[str] | tuple[str, ...]) -> SambaYConfig:
+def apply_overrides(cfg: ModelConfig, overrides: list[str] | tuple[str, ...]) -> ModelConfig:
     """`key=value` changes to the model config (value parsed as JSON, else taken as a string)."""
-    fields = {f.name for f in dataclasses.fields(SambaYConfig)} - {"extra"}
+    fields = {f.name for f in dataclasses.fields(cfg)} - {"extra"}
     changes = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -234,7 +235,7 @@ def _differences(mine: dict[str, Any], saved: dict[str, Any]) -> list[str]:
 
 @dataclass
 class Plan:
-    cfg: SambaYConfig
+    cfg: ModelConfig
     settings: TrainSettings
     dataset: Any
     data_dir: Path
@@ -245,7 +246,7 @@ class Plan:
     notes: list[str]
 
 
-def plan_run(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConfig | None,
+def plan_run(data: str | os.PathLike, out: str | os.PathLike, config: ModelConfig | None,
              resume: bool, given: dict[str, Any], attention_dropout: float | None,
              overrides: list[str] | tuple[str, ...], world_size: int, preset_name: str | None) -> Plan:
     """Everything a run needs, checked: raises SambayError before any model is built."""
@@ -312,7 +313,7 @@ def plan_run(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConf
         if saved is None:
             raise SambayError("give the model with --config FILE or --preset NAME "
                               f"({', '.join(PRESETS)})")
-        config = SambaYConfig.from_dict(saved["config"])
+        config = config_from_dict(saved["config"], f"{out}/run.json")
     elif preset_name is not None:  # a preset adopts the data's vocabulary and end-of-text token
         changes: dict[str, Any] = {}
         if dataset.vocab_size > config.vocab_size:
@@ -424,7 +425,7 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, config: SambaYConfig | None = None, *,
+def train(data: str | os.PathLike, out: str | os.PathLike, config: ModelConfig | None = None, *,
           resume: bool = False, attention_dropout: float | None = None,
           overrides: list[str] | tuple[str, ...] = (), preset_name: str | None = None,
           on_step: Callable[[int, float], None] | None = None, quiet: bool = False,
@@ -604,7 +605,7 @@ def _validation_loss(model: nn.Module, dataset: Any, s: TrainSettings, env: D.Di
     return float(total[0] / total[1])
 
 
-def _full_model(wrapped: nn.Module, cfg: SambaYConfig, env: D.DistEnv, fsdp: bool) -> SambaY | None:
+def _full_model(wrapped: nn.Module, cfg: ModelConfig, env: D.DistEnv, fsdp: bool) -> CausalLM | None:
     """The trained model as a plain module in eval mode (under FSDP rebuilt from gathered shards)."""
     if not (fsdp and env.distributed):
         return D.unwrap(wrapped).eval()
@@ -616,7 +617,7 @@ def _full_model(wrapped: nn.Module, cfg: SambaYConfig, env: D.DistEnv, fsdp: boo
     return model.eval()
 
 
-def export(model: SambaY, folder: Path, dataset: Any) -> Path:
+def export(model: CausalLM, folder: Path, dataset: Any) -> Path:
     """Write the model as a Hugging Face folder (plus the data's tokenizer), swapped in whole."""
     from .checkpoint import save_model
 
@@ -660,8 +661,8 @@ def _copy_tokenizer(dataset: Any, folder: Path) -> None:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "train", help="train a SambaY model on prepared token shards",
-        description="Train a SambaY model (AdamW, warmup + cosine, clipping, accumulation) on a folder "
+        "train", help="train a SambaY (or baseline Transformer) model on prepared token shards",
+        description="Train a SambaY model, or the Phi3 Transformer baseline (AdamW, warmup + cosine, clipping, accumulation) on a folder "
                     "made by `sambay prepare`. Under torchrun it trains data-parallel (DDP, or FSDP2 "
                     "with --fsdp). Flags left out on --resume come from the checkpoint.",
     )
@@ -702,7 +703,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = None
     if args.config:
         path = Path(args.config)
-        config = SambaYConfig.from_json(path / "config.json" if path.is_dir() else path)
+        config = load_config(path / "config.json" if path.is_dir() else path)
     elif args.preset:
         config = preset(args.preset)
     given = {k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k, None) is not None}
