@@ -1,5 +1,6 @@
 """`sambay bench`: decode and prefill speed, held against this machine's measured limits, and the
-aggregate speed of `sambay serve` under concurrent clients.
+aggregate speed of `sambay serve` under concurrent clients. (`bench generation` and `bench memory`,
+SambaY against its Transformer baseline, live in bench_generation.py.)
 
 Decoding is memory-bound: each step reads every weight plus the decode state. So `bench decode`
 measures the machine's read bandwidth in the same run, counts the bytes one step actually reads,
@@ -102,19 +103,23 @@ def fill_state_synthetically(model, state, context: int, seed: int = 0) -> None:
     state.lengths.fill_(context)
 
 
-def _load(args):
+def load_for_bench(name: str, dtype: str, quantize: str | None, random_weights: bool = False,
+                   seed: int = 0):
+    """Load a model folder, repo id or preset (presets always have random weights), ready to decode."""
     from .checkpoint import load_model
     from .quant import prepare_for_inference
 
-    dtype = getattr(torch, args.dtype)
     t = time.perf_counter()
-    name = args.model or args.preset
-    print(f"loading {name} ({'random weights, ' if args.random_weights else ''}{args.dtype}"
-          f"{', int8' if args.quantize else ''}) ...", file=sys.stderr, flush=True)
-    model = load_model(name, dtype=dtype, random_weights=args.random_weights)
-    prepare_for_inference(model, args.quantize)
+    print(f"loading {name} ({'random weights, ' if random_weights else ''}{dtype}"
+          f"{', int8' if quantize else ''}) ...", file=sys.stderr, flush=True)
+    model = load_model(name, dtype=getattr(torch, dtype), random_weights=random_weights, seed=seed)
+    prepare_for_inference(model, quantize)
     print(f"loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     return model
+
+
+def _load(args):
+    return load_for_bench(args.model or args.preset, args.dtype, args.quantize, args.random_weights)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -178,6 +183,20 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+@torch.no_grad()
+def time_prefill(model, n: int, chunk: int, batch: int = 1, seed: int = 0):
+    """Seconds to prefill `batch` rows of `n` random tokens into a fresh state, `chunk` tokens per
+    call (after a short untimed warm-up); returns (seconds, the filled state)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
+    state = model.new_state(batch, n)
+    model(ids[:, : min(n, 16)], state=model.new_state(batch, n))  # warm-up
+    t = time.perf_counter()
+    for c0 in range(0, n, chunk):
+        model(ids[:, c0:c0 + chunk], state=state, logits_to_keep=1)
+    return time.perf_counter() - t, state
+
+
 @torch.no_grad()  # the engine's mode, so the same code path is timed
 def run_prefill(args: argparse.Namespace) -> int:
     model = _load(args)
@@ -189,13 +208,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
     rows = []
     for n in lengths:
-        ids = torch.randint(0, cfg.vocab_size, (1, n))
-        state = model.new_state(1, n)
-        model(ids[:, : min(n, 16)], state=model.new_state(1, n))  # warm-up
-        t = time.perf_counter()
-        for c0 in range(0, n, args.chunk):
-            model(ids[:, c0:c0 + args.chunk], state=state)
-        sec = time.perf_counter() - t
+        sec, state = time_prefill(model, n, args.chunk)
         flops = 2 * params * n  # matmuls; attention adds a little on top
         rows.append({"tokens": n, "seconds": round(sec, 3), "tokens_per_s": round(n / sec, 1),
                      "gflops": round(flops / sec / 1e9, 1), "state_bytes": state.nbytes()})
@@ -443,3 +456,6 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="the server's CPU threads (same as `sambay --threads N bench serve`)")
     s.set_defaults(func=run_serve)
+    from . import bench_generation  # generation, memory: SambaY against its baseline
+
+    bench_generation.register(bsub)
