@@ -215,6 +215,7 @@ def run_math(args: argparse.Namespace) -> int:
     settings = math_eval.MathSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed)
     settings.params(0, 0)  # bad sampling flags fail before a slow load
+    math_eval.math_verify()  # and so does a missing scorer, not hours later at the first answer
     problems = math_eval.load_problems(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-results.jsonl")
     model, tokenizer = _load(args)

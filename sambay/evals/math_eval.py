@@ -136,12 +136,21 @@ def _braced(text: str, i: int) -> str | None:
     return None
 
 
+def math_verify():
+    """math-verify's (parse, verify), or an error saying how to install it."""
+    try:
+        from math_verify import parse, verify
+    except ModuleNotFoundError:
+        raise SambayError("sambay eval math needs the math-verify package: "
+                          "pip install 'math-verify[antlr4_13_2]>=0.9'") from None
+    return parse, verify
+
+
 def is_equivalent(answer: str | None, reference: str) -> bool:
     """Whether two answers are the same mathematical object, by math-verify (False if unparsable)."""
     if not answer:
         return False
-    from math_verify import parse, verify
-
+    parse, verify = math_verify()
     try:
         gold = parse(f"${reference.strip('$')}$")
         pred = parse(f"${answer.strip('$')}$")
