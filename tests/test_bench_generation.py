@@ -11,7 +11,7 @@ import pytest
 import sambay
 from sambay.cli import main
 
-SAMBAY, BASELINE = "tiny", "tiny-nodiff"
+SAMBAY, BASELINE = "tiny", "tiny-phi3"  # SambaY and the Transformer (Phi-3 architecture)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FP32 = 4
 
@@ -89,10 +89,10 @@ def test_memory_end_to_end(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["generation", "--models", "tiny,no-such-model"], "no model folder at no-such-model"),
     (["generation", "--models", "tiny"], "exactly two models"),
-    (["generation", "--models", "tiny,tiny-nodiff", "--lengths", "5000"], "exceeds tiny's context of 4096"),
-    (["generation", "--models", "tiny,tiny-nodiff", "--lengths", "0,4"], "--lengths must be"),
-    (["generation", "--models", "tiny,tiny-nodiff", "--memory-budget", "1MiB"], "too small for tiny"),
-    (["generation", "--models", "tiny,tiny-nodiff", "--memory-budget", "lots"], "--memory-budget must be"),
+    (["generation", "--models", "tiny,tiny-phi3", "--lengths", "5000"], "exceeds tiny's context of 4096"),
+    (["generation", "--models", "tiny,tiny-phi3", "--lengths", "0,4"], "--lengths must be"),
+    (["generation", "--models", "tiny,tiny-phi3", "--memory-budget", "1MiB"], "too small for tiny"),
+    (["generation", "--models", "tiny,tiny-phi3", "--memory-budget", "lots"], "--memory-budget must be"),
     (["memory", "--models", "tiny,no-such-model"], "no model folder at no-such-model"),
     (["memory", "--models", "tiny", "--lengths", "8192"], "exceeds tiny's context of 4096"),
 ])
