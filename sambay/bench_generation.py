@@ -447,8 +447,9 @@ def register(bsub) -> None:
     g.add_argument("--lengths", default="256,512,1024,2048", metavar="G,G,...",
                    help="generation lengths, read off one long generation (default 256,512,1024,2048; "
                         "the paper goes to 32768)")
-    g.add_argument("--memory-budget", default="2GiB", metavar="SIZE",
-                   help="weights + decode state per model, such as 2GiB (default 2GiB)")
+    g.add_argument("--memory-budget", default="1.25GiB", metavar="SIZE",
+                   help="weights + decode state per model, such as 2GiB (default 1.25GiB: with the "
+                        "default float32 pair, 2 Transformer rows, 23 SambaY rows)")
     add_model_flags(g)
     g.set_defaults(func=run_generation)
     m = bsub.add_parser(
