@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sambay: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sambay info | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush can't raise
+        return 141
 
 
 if __name__ == "__main__":
