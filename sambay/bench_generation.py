@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -198,32 +197,29 @@ def measure_model(name: str, model, prompt: int, lengths: list[int], batch: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def _figure(**kw):
+    """A matplotlib Figure of its own, never pyplot's: no global backend or figure list is touched."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ModuleNotFoundError:
         raise SambayError("the figures need matplotlib: pip install 'sambay[plot]' (or matplotlib "
                           "itself) into this environment") from None
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def save_png(fig, path: Path) -> str:
-    """Write the figure to `path` atomically (a reader never sees half a PNG) and close it."""
+    """Write the figure to `path` atomically: a reader never sees half a PNG."""
     from .io_utils import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
     return str(path)
 
 
 def plot_latency(results: dict, prompt: int, out: Path) -> str:
     """Figure 1 of the release blog, in shape: batch-1 latency vs generation length."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = _figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for name, r in results.items():
         g, t = zip(*r["batch1"]["curve"])
         ax.plot(g, t, label=name, lw=2)
@@ -237,8 +233,8 @@ def plot_latency(results: dict, prompt: int, out: Path) -> str:
 
 def plot_throughput(results: dict, budget: int, out: Path) -> str:
     """Throughput vs latency: one point per batch and generation length, a line per model/batch."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = _figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for i, (name, r) in enumerate(results.items()):
         for run, marker in (("batch1", "o"), ("budget", "s")):
             rows = r[run]["results"]
@@ -265,8 +261,8 @@ def plot_throughput(results: dict, budget: int, out: Path) -> str:
 
 
 def plot_prefill_memory(results: dict, out: Path) -> str:
-    plt = _pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    a1, a2 = fig.subplots(1, 2)
     for name, r in results.items():
         n = [x["tokens"] for x in r["results"]]
         a1.plot(n, [x["seconds"] for x in r["results"]], marker="o", label=name)
@@ -306,7 +302,7 @@ def run_generation(args: argparse.Namespace) -> int:
     if len(parse_models(args.models)) != 2:
         raise SambayError(f"--models takes exactly two models, SambaY first and then its baseline "
                           f"(such as {DEFAULT_MODELS}); got {args.models!r}")
-    _pyplot()  # fail now, not after an hour of measuring
+    _figure()  # no matplotlib: fail now, not after an hour of measuring
     context = args.prompt + lengths[-1]
     models = load_models(args)
     plan = {}
@@ -390,7 +386,7 @@ def _pct(x: float | None) -> str:
 
 def run_memory(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
-    _pyplot()
+    _figure()
     models = load_models(args)
     kv_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     for name, model in models:
