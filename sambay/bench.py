@@ -77,13 +77,16 @@ def decode_bytes_per_step(model, state, batch: int) -> dict[str, int]:
     for i, kind in enumerate(cfg.layer_kinds):
         if kind in (MAMBA, MEMORY_MAMBA):
             mamba += _nbytes(state.conv[i][:batch]) + _nbytes(state.ssm[i][:batch])
-        elif kind == SWA:
+        elif state.k[i] is not None:  # K/V of the positions within reach: the context or the window
             slots = state.k[i].shape[2]
-            frac = min(ctx, slots) / slots
-            swa += int(frac * (_nbytes(state.k[i][:batch]) + _nbytes(state.v[i][:batch])))
-        elif kind == KV_ATTENTION:
-            per_pos = (_nbytes(state.k[i][:batch]) + _nbytes(state.v[i][:batch])) / state.max_length
-            kv = int(per_pos * ctx) * n_readers  # the shared K/V is read by every attention reader
+            per_pos = (_nbytes(state.k[i][:batch]) + _nbytes(state.v[i][:batch])) / slots
+            read = int(per_pos * min(ctx, slots))
+            if kind == SWA:
+                swa += read
+            elif kind == KV_ATTENTION:
+                kv = read * n_readers  # the shared K/V is read by every attention reader
+            else:  # the Transformer baseline: each layer reads its own K/V
+                kv += read
     return {"weights": weights, "shared_kv": kv, "swa_kv": swa, "mamba_state": mamba,
             "total": weights + kv + swa + mamba}
 
@@ -173,7 +176,7 @@ def run_decode(args: argparse.Namespace) -> int:
         ("decode step", f"{result['step_ms']} ms (median of {args.tokens})"),
         ("throughput", f"{result['tokens_per_s']} tokens/s"),
         ("bytes read per step", f"{bytes_step['total'] / 1e9:.3f} GB (weights {bytes_step['weights'] / 1e9:.3f}, "
-                                f"shared K/V {bytes_step['shared_kv'] / 1e9:.3f}, SWA K/V "
+                                f"full-attention K/V {bytes_step['shared_kv'] / 1e9:.3f}, SWA K/V "
                                 f"{bytes_step['swa_kv'] / 1e9:.3f}, Mamba {bytes_step['mamba_state'] / 1e9:.4f})"),
         ("memory bandwidth", f"{result['bandwidth_gbs']} GB/s (measured now, read)"),
         ("achieved", f"{result['achieved_gbs']} GB/s = {100 * result['roofline_fraction']:.1f}% of roofline "

@@ -36,6 +36,15 @@ def test_bench_decode_reports_consistent_figures(capsys, quantize):
     assert r["tokens_per_s"] > 0 and r["context"] == 100 and r["quantize"] == ("int8" if quantize else "none")
 
 
+def test_bench_decode_counts_every_layers_kv_for_the_transformer_baseline(capsys):
+    assert main(["--threads", "1", "bench", "decode", "--preset", "tiny-phi3", "--random-weights",
+                 "--dtype", "float32", "--context", "100", "--tokens", "2", "--warmup", "1"]) == 0
+    b = last_json(capsys)["bytes_breakdown"]
+    cfg = sambay.preset("tiny-phi3")
+    assert b["shared_kv"] == pytest.approx(cfg.state_bytes_per_token(4) * 101, rel=0.02)  # all 4 layers
+    assert b["swa_kv"] == b["mamba_state"] == 0
+
+
 def test_bench_prefill_reports_each_length(capsys):
     assert main(["--threads", "1", "bench", "prefill", "--preset", "tiny", "--random-weights",
                  "--dtype", "float32", "--lengths", "16,64"]) == 0
