@@ -8,7 +8,7 @@ The paper trains 1B-scale models at a 32K context and reads phone numbers back a
        example lookups, the query with its answer, then six more lookups), one JSON line each;
     2. `sambay prepare` them with a BPE tokenizer trained on them;
     3. `sambay train` the `small` SambaY and the `small-phi3` Transformer++ (full RoPE), both at
-       half width (hidden 128, 4 heads: 2.3M parameters each, equal to 0.5%) so that they train in
+       half width (hidden 128, 4 heads: 2.4M parameters each, equal to 0.5%) so that they train in
        minutes, on the same tokens with the same settings and budget, at the training context C
        (both at once, one thread each, unless --sequential);
     4. `sambay eval phonebook` both at C, 2C and 4C (greedy, exact match, the same seeded books);
