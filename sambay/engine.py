@@ -199,8 +199,10 @@ class Engine:
         row = self.state.rows(req.slot)
         row.reset()
         ids = torch.tensor([prompt], dtype=torch.long)
-        for i in range(0, len(prompt), self.prefill_chunk):
-            logits = self.model(ids[:, i:i + self.prefill_chunk], state=row)
+        whole = getattr(self.model, "prefill_whole", None)  # a family whose result depends on chunking
+        chunk = len(prompt) if whole is not None and whole(len(prompt)) else self.prefill_chunk
+        for i in range(0, len(prompt), chunk):
+            logits = self.model(ids[:, i:i + chunk], state=row)
         req.logits = logits[0, -1]
         req.stats.prompt_tokens = len(prompt)
         req.stats.prefill_seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ only new pieces are the projections, RMSNorm and RoPE.
 RoPE follows transformers exactly, including LongRoPE: within one forward call, the long factors
 are used when the call reaches a position beyond `original_max_position_embeddings`, the short
 ones otherwise (keys already cached keep the rotation they were written with, as in transformers).
+So the engine prefills such a long prompt in one call (`prefill_whole`), as transformers does.
 """
 
 from __future__ import annotations
@@ -161,6 +162,13 @@ class Phi3(CausalLM):
         self.model = Phi3Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def prefill_whole(self, prompt_len: int) -> bool:
+        """True when a prompt must be prefilled in one call to match transformers: with LongRoPE,
+        a call reaching past `original_max_position_embeddings` rotates all of its keys with the
+        long factors, so chunks would rotate the prompt's first keys differently."""
+        rope = self.model.rotary_emb
+        return bool(rope.factors) and prompt_len > rope.original_max
 
     def _body(self, h, at: Positions, keep: int, hidden: list | None) -> torch.Tensor:
         rope = self.model.rotary_emb(at.pos, self.dtype)

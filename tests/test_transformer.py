@@ -70,6 +70,21 @@ def test_greedy_generation_equals_transformers(variant, tmp_path):
 
 
 @torch.no_grad()
+def test_longrope_prompt_past_the_switch_equals_transformers_whatever_the_prefill_chunk(tmp_path):
+    """A 14-token prompt past LongRoPE's switch at 8: transformers rotates every prompt key with the
+    long factors in its one prefill call; the engine must not chunk such a prompt."""
+    model = random_model(**VARIANTS["longrope"])
+    hf = reference(model, tmp_path)
+    ids = torch.randint(0, 511, (1, 14), generator=torch.Generator().manual_seed(7))
+    want = hf.generate(ids, max_new_tokens=10, do_sample=False)[0, 14:].tolist()
+    engine = sambay.Engine(model, max_length=24, prefill_chunk=4)
+    req = engine.add_request(ids[0], sambay.SamplingParams(max_new_tokens=10, stop_token_ids=[]))
+    while engine.num_active:
+        engine.step()
+    assert req.output_ids == want
+
+
+@torch.no_grad()
 def test_ragged_batch_generation_equals_transformers_left_padded(tmp_path):
     model = random_model()
     hf = reference(model, tmp_path)
