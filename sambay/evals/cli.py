@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import SambayError
 from . import math_eval, needle, phonebook, retrieval
+from ..generate_cli import _model_flags  # the same model flags as generate and chat
 from .generation import engine_generate
 
 DEFAULT_LENGTHS = "512,1024,2048"
@@ -75,16 +76,6 @@ def register(subparsers) -> None:
                     help=f"samples decoded together (default {DEFAULT_BATCH})")
     _model_flags(mt)
     mt.set_defaults(func=run_math)
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="PATH|REPO|PRESET",
-                   help="model folder, Hugging Face repo id or preset (default: the embedded model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="quantize the weights after loading")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights of the model's shape (needed for a preset)")
 
 
 def _retrieval_flags(p: argparse.ArgumentParser, samples: int, max_new_tokens: int) -> None:
