@@ -43,9 +43,12 @@ def _load():
             build = Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
             build.mkdir(parents=True, exist_ok=True)
             # Reassociation lets the compiler vectorize the dot products; unlike -ffast-math it keeps
-            # infinities, which the attention kernel's masking relies on.
+            # infinities, which the attention kernel's masking relies on. -fopenmp makes
+            # at::parallel_for (an inline OpenMP pragma) actually run on torch's threads: without it
+            # the kernels ran on one thread. Not linked: the symbols resolve to torch's own libgomp.
             flags = (["-O3", "-march=native", "-fno-math-errno", "-funsafe-math-optimizations",
                       "-fno-finite-math-only"] if sys.platform != "win32" else ["/O2"])
+            flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
             print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
                   flush=True) if not any(build.glob("*.so")) else None
             _module = load(name="sambay_gemv", sources=[str(_SRC)], extra_cflags=flags,
@@ -63,6 +66,13 @@ def native_status() -> str:
         return f"pytorch ({_error})"
     isa = {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability())
     return f"native ({isa})" if isa else "native (portable C++)"
+
+
+def parallel_threads() -> int:
+    """How many threads the native kernels' parallel loops run on now (torch.get_num_threads(),
+    unless the build lacked OpenMP); 1 without native kernels."""
+    mod = _load()
+    return int(mod.parallel_threads()) if mod is not None else 1
 
 
 def gemv_lowp_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

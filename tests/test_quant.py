@@ -41,6 +41,23 @@ def test_native_kernels_are_built_here():
         assert isinstance(kernels.fast_paths(), list)
 
 
+def test_native_kernels_use_torchs_threads():
+    """The kernels' parallel loops must run on torch's thread pool (a build without OpenMP silently
+    ran them on one thread), and give the same results whatever the thread count."""
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    x, w, s = torch.randn(3, 256, generator=g), torch.randint(-127, 127, (512, 256), dtype=torch.int8), torch.rand(512)
+    try:
+        torch.set_num_threads(2)
+        assert kernels.parallel_threads() == 2
+        two = kernels.gemv(x, w, s)
+        torch.set_num_threads(1)
+        assert kernels.parallel_threads() == 1
+        assert torch.equal(kernels.gemv(x, w, s), two)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fallback_without_native_kernels_gives_same_results():
     code = ("import torch; from sambay import kernels; torch.manual_seed(0); "
             "x=torch.randn(2,64); w=torch.randint(-127,127,(8,64),dtype=torch.int8); s=torch.rand(8); "

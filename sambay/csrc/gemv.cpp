@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -649,7 +650,19 @@ double stream_read(torch::Tensor buf) {
   return total;
 }
 
+// How many threads a parallel_for in these kernels really runs on (1 if built without OpenMP).
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{1};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int64_t mine = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (mine > seen && !most.compare_exchange_weak(seen, mine)) {}
+  });
+  return most.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads a parallel_for runs on");
   m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
   m.def("decode_attention", &decode_attention, "one-query attention streaming K/V once");
