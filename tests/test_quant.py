@@ -16,7 +16,7 @@ GOLDEN = "tests/data/golden/phi4flash-tiny"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("M", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("K", [160, 1027, 2560, 10240])
 def test_gemv_equals_reference(dtype, M, K):
     g = torch.Generator().manual_seed(M * K)

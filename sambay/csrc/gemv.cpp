@@ -358,23 +358,31 @@ void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int6
 // so a shift and a mask give both as float32. The activations are deinterleaved to match, once per call.
 template <int M_>
 inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, float* out) {
+  // U blocks of 16 per iteration, 2U independent accumulators per activation row: one FMA chain
+  // would be latency-bound below memory bandwidth.
+  constexpr int U = M_ <= 2 ? 2 : 1;
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 acc[M_][2];
-  for (int m = 0; m < M_; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  const int64_t K16 = K / 16 * 16;
-  for (int64_t k = 0; k < K16; k += 16) {
-    if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + PF, _MM_HINT_T0);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
-    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, hi_mask));
-    for (int m = 0; m < M_; ++m) {
-      acc[m][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
+  __m256 acc[M_][2 * U];
+  for (int m = 0; m < M_; ++m)
+    for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm256_setzero_ps();
+  const int64_t KU = K / (16 * U) * (16 * U);
+  for (int64_t k = 0; k < KU; k += 16 * U) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + PF, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * u));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, hi_mask));
+      for (int m = 0; m < M_; ++m) {
+        acc[m][2 * u] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + m * K + k + 16 * u), acc[m][2 * u]);
+        acc[m][2 * u + 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + m * K + k + 16 * u + 8), acc[m][2 * u + 1]);
+      }
     }
   }
   for (int m = 0; m < M_; ++m) {
-    float s = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
-    for (int64_t kk = K16; kk < K; ++kk) s += static_cast<float>(w[kk]) * xp[m * K + kk];
+    __m256 a = acc[m][0];
+    for (int u = 1; u < 2 * U; ++u) a = _mm256_add_ps(a, acc[m][u]);
+    float s = hsum8(a);
+    for (int64_t kk = KU; kk < K; ++kk) s += static_cast<float>(w[kk]) * xp[m * K + kk];
     out[m] = s;
   }
 }
