@@ -127,3 +127,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     if mod is None or q.device.type != "cpu" or torch.is_grad_enabled():
         return None
     return mod.decode_attention(q.float(), k, v, valid)
+
+
+def ssm_step(x, dt, A, Bm, Cm, D, state: torch.Tensor):
+    """Native Mamba decode step (see ops.selective_state_step), or None when unavailable."""
+    mod = _load()
+    if (mod is None or state.device.type != "cpu" or not state.is_contiguous() or torch.is_grad_enabled()
+            or any(t.dtype != torch.float32 for t in (x, dt, A, Bm, Cm, D, state))):
+        return None
+    return mod.ssm_step(x, dt, A, Bm, Cm, D, state)

@@ -148,7 +148,7 @@ class Mamba(nn.Module):
             dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         else:  # a PackedLinear built to return float32 with its bias added in float32
             dt = F.softplus(self.dt_proj(dt_low))
-        A = -torch.exp(self.A_log.float())
+        A = self._A()
         state = at.state.ssm[layer] if at.state is not None else None
         args = (x.float(), dt, A, Bm.float(), Cm.float(), self.D.float())
         if x.shape[1] == 1 and state is not None:
@@ -160,6 +160,17 @@ class Mamba(nn.Module):
                 state.copy_(final)
         out = self.out_proj((y * F.silu(z.float())).to(h.dtype))
         return out, (y if self.emits_memory else memory)
+
+    def _A(self) -> torch.Tensor:
+        """A = -exp(A_log); cached while A_log is unchanged and no gradient is wanted (it is the
+        same matrix at every decode step)."""
+        p = self.A_log
+        if torch.is_grad_enabled():
+            return -torch.exp(p.float())
+        key = (p.data_ptr(), -1 if p.is_inference() else p._version)
+        if getattr(self, "_A_cached", None) is None or self._A_cached[0] != key:
+            self._A_cached = (key, -torch.exp(p.float()))
+        return self._A_cached[1]
 
     def _conv(self, x, at: Positions, layer: int):
         """Causal depthwise conv, left-padded by the state's window (or zeros)."""

@@ -619,6 +619,73 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// ---- Mamba decode step: the selective-SSM state update and readout, one pass over the state --------
+// state (B, e, n) float32, updated in place; x, dt (B, e); A (e, n); Bm, Cm (B, n); D (e,) -> y (B, e):
+//   s = exp(dt A) * s + (dt x) B;   y = s . C + D x          (ops.selective_state_step's torch form)
+#if defined(__AVX2__) && defined(__FMA__)
+// exp for the SSM decays (arguments <= 0 in practice): Cephes' expf, 2^n * poly(r), about 1 ulp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+torch::Tensor ssm_step(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor Bm,
+                       torch::Tensor Cm, torch::Tensor D, torch::Tensor state) {
+  TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == torch::kFloat32,
+              "ssm_step: state must be a contiguous float32 (B, e, n) tensor");
+  const int64_t B = state.size(0), E = state.size(1), N = state.size(2);
+  for (const auto& t : {x, dt, A, Bm, Cm, D})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32, "ssm_step: inputs must be float32");
+  TORCH_CHECK(x.sizes() == dt.sizes() && x.size(0) == B && x.size(1) == E && A.size(0) == E &&
+              A.size(1) == N && Bm.size(1) == N && Cm.size(1) == N && D.numel() == E, "ssm_step: shapes");
+  x = x.contiguous(); dt = dt.contiguous(); A = A.contiguous(); Bm = Bm.contiguous();
+  Cm = Cm.contiguous(); D = D.contiguous();
+  auto y = torch::empty({B, E}, x.options());
+  const float *xp = x.data_ptr<float>(), *dp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
+              *bp = Bm.data_ptr<float>(), *cp = Cm.data_ptr<float>(), *Dp = D.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, B * E, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / E, c = i % E;
+      const float d = dp[i], dx = d * xp[i];
+      const float *a = ap + c * N, *bv = bp + b * N, *cv = cp + b * N;
+      float* s = sp + i * N;
+      float acc = 0.f;
+      int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      __m256 accv = _mm256_setzero_ps();
+      for (; j + 8 <= N; j += 8) {
+        const __m256 decay = exp8(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(a + j)));
+        const __m256 sv = _mm256_fmadd_ps(decay, _mm256_loadu_ps(s + j),
+                                          _mm256_mul_ps(_mm256_set1_ps(dx), _mm256_loadu_ps(bv + j)));
+        _mm256_storeu_ps(s + j, sv);
+        accv = _mm256_fmadd_ps(sv, _mm256_loadu_ps(cv + j), accv);
+      }
+      acc = hsum8(accv);
+#endif
+      for (; j < N; ++j) {
+        s[j] = std::exp(d * a[j]) * s[j] + dx * bv[j];
+        acc += s[j] * cv[j];
+      }
+      yp[i] = acc + Dp[c] * xp[i];
+    }
+  });
+  return y;
+}
+
 // Sum of a float32 buffer, read the way the GEMV reads weights: the machine's streaming-read
 // bandwidth for the roofline in `sambay bench`.
 double stream_read(torch::Tensor buf) {
@@ -674,6 +741,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
   m.def("decode_attention", &decode_attention, "one-query attention streaming K/V once");
+  m.def("ssm_step", &ssm_step, "Mamba decode step: state update and readout in one pass");
   m.def("fast_paths", []() {
     std::vector<std::string> p;
 #ifdef SAMBAY_VNNI
