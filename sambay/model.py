@@ -313,6 +313,7 @@ class Attention(nn.Module):
         """q (B, T, H, hd) over keys/values in cache layout -> (B, T, H * hd)."""
         drop = self.dropout if self.training else 0.0
         B, T = q.shape[:2]
+        q = q.to(k.dtype)  # float32 in a packed model, whose K/V cache keeps the model's dtype
         q_pos, mask = at.pos, None
         if T == 1:  # decode: one mask per step for all layers reading the same keys
             key = ("mask", self.window, id(k_pos))
@@ -349,6 +350,7 @@ def _gather_valid(valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def _write(kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
     """Write T fresh positions per row, starting at start[b], into slots position % slots."""
     T = k.shape[2]
+    k, v = k.to(kc.dtype), v.to(vc.dtype)  # packed models compute K/V in float32 (quant.py)
     if T == 1:
         rows = torch.arange(kc.shape[0], device=kc.device)
         slot = torch.remainder(start, slots)
@@ -539,7 +541,7 @@ class SambaY(CausalLM):
                 h, kv = layer(h, at, kv)
             if hidden is not None:
                 hidden.append(h)
-        return self.model.final_layernorm(h.to(self.dtype))
+        return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
 
 
 _POOL = 1 << 22

@@ -35,7 +35,10 @@ def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Te
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale)."""
+    """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale).
+
+    A few rows (decoding) go through the native GEMV and come out in float32, as packed models keep
+    their activations (see `float32_activations`); more rows (prefill) use a matmul in out_dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -67,10 +70,10 @@ class PackedLinear(nn.Module):
         if x2.shape[0] <= GEMV_MAX_ROWS:
             y = kernels.gemv(x2, self.weight, self.weight_scale)
             if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(self.out_dtype)
+                y = y + self.bias
         else:
-            y = F.linear(x2.to(self.out_dtype), self.dequantized(self.out_dtype), self.bias)
+            bias = None if self.bias is None else self.bias.to(self.out_dtype)
+            y = F.linear(x2.to(self.out_dtype), self.dequantized(self.out_dtype), bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -92,6 +95,23 @@ def _pack_dt_proj(model: nn.Module) -> None:
     for parent, name, lin in _linears(model, dt_proj=True):
         setattr(parent, name, PackedLinear(lin.weight.detach(), lin.bias.detach().float(),
                                            out_dtype=torch.float32))
+
+
+@torch.no_grad()
+def float32_activations(model) -> None:
+    """In place: every parameter and buffer except the packed weights and the embedding becomes
+    float32 (norms, conv taps, biases, D: well under 1% of the bytes). A packed model then computes
+    in float32 between its GEMVs, as llama.cpp does, instead of converting its activations to and
+    from bfloat16 around every one of them; only the K/V cache keeps the model's dtype."""
+    keep = {id(model.model.embed_tokens.weight)}
+    keep |= {id(m.weight) for m in model.modules() if isinstance(m, PackedLinear)}
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) not in keep and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and id(b) not in keep and b.is_floating_point() and b.dtype != torch.float32:
+                setattr(mod, name, b.float())
 
 
 def int8_skeleton(model):
@@ -123,6 +143,7 @@ def quantize_model(model, mode: str = "int8"):
         q, s = quantize_int8(emb.detach())
         model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
     _pack_dt_proj(model)
+    float32_activations(model)
     model.quantization = mode
     return model
 
@@ -130,12 +151,13 @@ def quantize_model(model, mode: str = "int8"):
 @torch.no_grad()
 def pack_model(model):
     """In place, no quantization: route decode-time linears (and the tied head, sharing the
-    embedding without a copy) through the native GEMV. Idempotent."""
+    embedding without a copy) through the native GEMV, activations in float32. Idempotent."""
     for parent, name, lin in _linears(model):
         setattr(parent, name, PackedLinear.from_linear(lin, int8=False))
     _pack_dt_proj(model)
     if model.lm_head is None:
         model.lm_head = PackedLinear(model.model.embed_tokens.weight, persistent=False)
+    float32_activations(model)
     return model
 
 
@@ -147,6 +169,7 @@ def prepare_for_inference(model, quantize: str | None = None):
     kernels.native_status()
     if getattr(model, "quantization", None):
         _pack_dt_proj(model)
+        float32_activations(model)
     elif quantize:
         quantize_model(model, quantize)
     else:

@@ -176,4 +176,4 @@ class Phi3(CausalLM):
             h = layer(h, at, rope)
             if hidden is not None:
                 hidden.append(h)
-        return self.model.norm(h[:, -keep:].to(self.dtype))
+        return self.model.norm(h[:, -keep:].to(self.model.norm.weight.dtype))
