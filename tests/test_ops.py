@@ -150,16 +150,19 @@ def test_decode_attention_equals_reference(window, dtype):
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_decode_attention_equals_reference(dtype):
+@pytest.mark.parametrize("S, dk, dv, Hq, masked", [(200, 16, 32, 6, 17),  # vector paths
+                                                   (300, 64, 128, 15, 130),  # phi4-mini-flash heads, g=5
+                                                   (90, 12, 20, 6, 3)])  # dims not a multiple of 8
+def test_grouped_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked):
     """Two query groups over two key halves of one tensor and shared values (differential
     attention's decode step), through the native kernel when present."""
     g = torch.Generator().manual_seed(1)
-    B, Hk, S, dk, dv, Hq = 2, 3, 200, 16, 32, 6
+    B, Hk = 2, 3
     k = torch.randn(B, 2 * Hk, S, dk, generator=g).to(dtype)
     v = torch.randn(B, Hk, S, dv, generator=g).to(dtype)
     q1, q2 = (torch.randn(B, Hq, 1, dk, generator=g) for _ in range(2))
     valid = torch.ones(B, S, dtype=torch.bool)
-    valid[1, :17] = False
+    valid[1, :masked] = False  # whole masked blocks of keys before the first valid one
     q_pos, k_pos = torch.tensor([[S - 1], [150]]), torch.arange(S).expand(B, S)
     mask = ops.attention_mask(q_pos, k_pos, valid, None)
     a1, a2 = ops.decode_attention_groups([q1, q2], [k[:, :Hk], k[:, Hk:]], v, mask)

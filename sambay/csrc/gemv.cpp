@@ -20,6 +20,40 @@
 
 namespace {
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Helpers every AVX2 kernel below uses (AVX-512 machines have AVX2 too).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// exp for softmax weights and SSM decays (arguments <= 0 in practice): Cephes' expf, 2^n * poly(r),
+// about 1 ulp; below -87.3 (where expf is denormal or 0) it returns exactly 0.
+inline __m256 exp8(__m256 x0) {
+  const __m256 x = _mm256_min_ps(_mm256_max_ps(x0, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)),
+                       _mm256_cmp_ps(x0, _mm256_set1_ps(-87.3f), _CMP_GE_OQ));
+}
+inline __m256 ld8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8f(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // Measured on an AVX-512 EPYC with matrices far larger than cache: up to K = 5120 one weight row
 // at a time (4 FMA chains) streams best; beyond, where the float32 activation row no longer sits
 // in L1, 8 weight rows sharing each activation load do.
@@ -86,12 +120,6 @@ inline __m256 load8(const c10::BFloat16* p) {
 inline __m256 load8(const int8_t* p) {
   __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // The AVX-512 micro-kernel above at 8 lanes.
@@ -544,10 +572,28 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         // scores for this block
         for (int64_t gi = 0; gi < G; ++gi) {
           const T* kb = k + b * k_sb + gi * k_sg + h * k_sh;
+          const float* qg = q + ((b * G + gi) * Hk + h) * g * dk;
           for (int64_t j = 0; j < n; ++j) {
             const int64_t s = s0 + j;
             const bool ok = valid[b * S + s];
             const T* kr = kb + s * k_ss;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (dk % 8 == 0) {  // the key row is converted once, in registers, for up to 4 queries
+              for (int64_t q0 = 0; q0 < g; q0 += 4) {
+                const int64_t nq = std::min<int64_t>(4, g - q0);
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                if (ok)
+                  for (int64_t d = 0; d < dk; d += 8) {
+                    const __m256 kv = ld8f(kr + d);
+                    for (int64_t t = 0; t < nq; ++t)
+                      a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + (q0 + t) * dk + d), kv, a[t]);
+                  }
+                for (int64_t t = 0; t < nq; ++t)
+                  sc[(gi * g + q0 + t) * BLK + j] = ok ? hsum8(a[t]) * scale : -INFINITY;
+              }
+              continue;
+            }
+#endif
             for (int64_t d = 0; d < dk; ++d) kf[d] = static_cast<float>(kr[d]);
             for (int64_t qi = 0; qi < g; ++qi) {
               const float* qq = q + (((b * G + gi) * Hk + h) * g + qi) * dk;
@@ -563,10 +609,23 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
           float bm = -INFINITY;
           for (int64_t j = 0; j < n; ++j) bm = std::max(bm, row[j]);
           const float mn = std::max(m[qi], bm);
-          if (mn == -INFINITY) continue;  // nothing valid yet
+          if (mn == -INFINITY) {  // nothing valid yet: these keys weigh nothing
+            std::fill(row, row + n, 0.f);
+            continue;
+          }
           const float corr = std::exp(m[qi] - mn);
           float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) { row[j] = std::exp(row[j] - mn); sum += row[j]; }
+          int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+          __m256 sv = _mm256_setzero_ps();
+          for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(mn)));
+            _mm256_storeu_ps(row + j, e);
+            sv = _mm256_add_ps(sv, e);
+          }
+          sum = hsum8(sv);
+#endif
+          for (; j < n; ++j) { row[j] = std::exp(row[j] - mn); sum += row[j]; }
           l[qi] = l[qi] * corr + sum;
           m[qi] = mn;
           float* a = &acc[qi * dv];
@@ -574,6 +633,23 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         }
         // values: read each row once, add it to every query's accumulator
         const T* vb = v + b * v_sb + h * v_sh;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (dv % 8 == 0) {  // 8 value dims at a time, accumulators for up to 4 queries in registers
+          for (int64_t d = 0; d < dv; d += 8)
+            for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+              const int64_t nq = std::min<int64_t>(4, Q - q0);
+              __m256 a[4];
+              for (int64_t t = 0; t < nq; ++t) a[t] = _mm256_loadu_ps(&acc[(q0 + t) * dv + d]);
+              for (int64_t j = 0; j < n; ++j) {
+                const __m256 vv = ld8f(vb + (s0 + j) * v_ss + d);
+                for (int64_t t = 0; t < nq; ++t)
+                  a[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(q0 + t) * BLK + j]), vv, a[t]);
+              }
+              for (int64_t t = 0; t < nq; ++t) _mm256_storeu_ps(&acc[(q0 + t) * dv + d], a[t]);
+            }
+          continue;
+        }
+#endif
         for (int64_t j = 0; j < n; ++j) {
           const T* vr = vb + (s0 + j) * v_ss;
           for (int64_t d = 0; d < dv; ++d) vf[d] = static_cast<float>(vr[d]);
@@ -622,26 +698,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // ---- Mamba decode step: the selective-SSM state update and readout, one pass over the state --------
 // state (B, e, n) float32, updated in place; x, dt (B, e); A (e, n); Bm, Cm (B, n); D (e,) -> y (B, e):
 //   s = exp(dt A) * s + (dt x) B;   y = s . C + D x          (ops.selective_state_step's torch form)
-#if defined(__AVX2__) && defined(__FMA__)
-// exp for the SSM decays (arguments <= 0 in practice): Cephes' expf, 2^n * poly(r), about 1 ulp.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
 torch::Tensor ssm_step(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor Bm,
                        torch::Tensor Cm, torch::Tensor D, torch::Tensor state) {
   TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == torch::kFloat32,
