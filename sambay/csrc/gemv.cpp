@@ -552,6 +552,67 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
 // attends with keys k[:, i] (B, G, Hk, S, dk); all groups share the values v (B, Hk, S, dv).
 // valid (B, S) bool. Returns (B, G, Hk, g, dv) float32 softmax(q.k / sqrt(dk)) @ v per group.
 // Each (row, kv head) streams its keys and values exactly once, whatever G and g are.
+#if defined(__AVX2__) && defined(__FMA__)
+// out[t * stride] = dot(qs[t], key row) * scale for NQ queries: the key row is converted once.
+template <typename T, int NQ>
+inline void key_dots(const float* qs, int64_t dk, const T* kr, float scale, float* out, int64_t stride) {
+  __m256 a[NQ];
+  for (int t = 0; t < NQ; ++t) a[t] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dk; d += 8) {
+    const __m256 kv = ld8f(kr + d);
+    for (int t = 0; t < NQ; ++t) a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + t * dk + d), kv, a[t]);
+  }
+  for (int t = 0; t < NQ; ++t) out[t * stride] = hsum8(a[t]) * scale;
+}
+
+// The same for 4 consecutive keys at once (NQ <= 2): 4 * NQ independent FMA chains instead of NQ,
+// and one horizontal-add tree giving the 4 scores of a query together.
+template <typename T, int NQ>
+inline void key_dots4(const float* qs, int64_t dk, const T* kr, int64_t k_ss, float scale, float* out,
+                      int64_t stride) {
+  __m256 a[NQ][4];
+  for (int t = 0; t < NQ; ++t)
+    for (int i = 0; i < 4; ++i) a[t][i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dk; d += 8) {
+    __m256 kv[4];
+    for (int i = 0; i < 4; ++i) kv[i] = ld8f(kr + i * k_ss + d);
+    for (int t = 0; t < NQ; ++t) {
+      const __m256 qv = _mm256_loadu_ps(qs + t * dk + d);
+      for (int i = 0; i < 4; ++i) a[t][i] = _mm256_fmadd_ps(qv, kv[i], a[t][i]);
+    }
+  }
+  for (int t = 0; t < NQ; ++t) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[t][0], a[t][1]), _mm256_hadd_ps(a[t][2], a[t][3]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out + t * stride, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+  }
+}
+
+// acc[t][0:16] += sum_j p[t][j] * v[j][0:16] for NQ queries over n value rows (two chunks of 8 dims:
+// 2 * NQ independent FMA chains).
+template <typename T, int NQ>
+inline void weigh_values(const float* p, int64_t p_stride, int64_t n, const T* v, int64_t v_ss, float* acc,
+                         int64_t acc_stride) {
+  __m256 a[NQ][2];
+  for (int t = 0; t < NQ; ++t) {
+    a[t][0] = _mm256_loadu_ps(acc + t * acc_stride);
+    a[t][1] = _mm256_loadu_ps(acc + t * acc_stride + 8);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 v0 = ld8f(v + j * v_ss), v1 = ld8f(v + j * v_ss + 8);
+    for (int t = 0; t < NQ; ++t) {
+      const __m256 pj = _mm256_set1_ps(p[t * p_stride + j]);
+      a[t][0] = _mm256_fmadd_ps(pj, v0, a[t][0]);
+      a[t][1] = _mm256_fmadd_ps(pj, v1, a[t][1]);
+    }
+  }
+  for (int t = 0; t < NQ; ++t) {
+    _mm256_storeu_ps(acc + t * acc_stride, a[t][0]);
+    _mm256_storeu_ps(acc + t * acc_stride + 8, a[t][1]);
+  }
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const float* q, const T* k, const T* v, const bool* valid, float* out,
                            int64_t B, int64_t G, int64_t Hk, int64_t g, int64_t S, int64_t dk,
@@ -573,23 +634,39 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         for (int64_t gi = 0; gi < G; ++gi) {
           const T* kb = k + b * k_sb + gi * k_sg + h * k_sh;
           const float* qg = q + ((b * G + gi) * Hk + h) * g * dk;
-          for (int64_t j = 0; j < n; ++j) {
+          int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+          if (dk % 8 == 0 && g <= 2) {  // 4 keys at a time; masked ones are overwritten below
+            for (; j + 4 <= n; j += 4) {
+              const T* kr = kb + (s0 + j) * k_ss;
+              float* o = &sc[gi * g * BLK + j];
+              if (g == 1) key_dots4<T, 1>(qg, dk, kr, k_ss, scale, o, BLK);
+              else key_dots4<T, 2>(qg, dk, kr, k_ss, scale, o, BLK);
+              for (int64_t i = 0; i < 4; ++i)
+                if (!valid[b * S + s0 + j + i])
+                  for (int64_t t = 0; t < g; ++t) o[t * BLK + i] = -INFINITY;
+            }
+          }
+#endif
+          for (; j < n; ++j) {
             const int64_t s = s0 + j;
             const bool ok = valid[b * S + s];
             const T* kr = kb + s * k_ss;
 #if defined(__AVX2__) && defined(__FMA__)
             if (dk % 8 == 0) {  // the key row is converted once, in registers, for up to 4 queries
               for (int64_t q0 = 0; q0 < g; q0 += 4) {
-                const int64_t nq = std::min<int64_t>(4, g - q0);
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                if (ok)
-                  for (int64_t d = 0; d < dk; d += 8) {
-                    const __m256 kv = ld8f(kr + d);
-                    for (int64_t t = 0; t < nq; ++t)
-                      a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + (q0 + t) * dk + d), kv, a[t]);
-                  }
-                for (int64_t t = 0; t < nq; ++t)
-                  sc[(gi * g + q0 + t) * BLK + j] = ok ? hsum8(a[t]) * scale : -INFINITY;
+                float* o = &sc[(gi * g + q0) * BLK + j];
+                if (!ok) {
+                  for (int64_t t = 0; t < std::min<int64_t>(4, g - q0); ++t) o[t * BLK] = -INFINITY;
+                  continue;
+                }
+                const float* qs = qg + q0 * dk;
+                switch (std::min<int64_t>(4, g - q0)) {
+                  case 1: key_dots<T, 1>(qs, dk, kr, scale, o, BLK); break;
+                  case 2: key_dots<T, 2>(qs, dk, kr, scale, o, BLK); break;
+                  case 3: key_dots<T, 3>(qs, dk, kr, scale, o, BLK); break;
+                  default: key_dots<T, 4>(qs, dk, kr, scale, o, BLK); break;
+                }
               }
               continue;
             }
@@ -634,18 +711,18 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         // values: read each row once, add it to every query's accumulator
         const T* vb = v + b * v_sb + h * v_sh;
 #if defined(__AVX2__) && defined(__FMA__)
-        if (dv % 8 == 0) {  // 8 value dims at a time, accumulators for up to 4 queries in registers
-          for (int64_t d = 0; d < dv; d += 8)
+        if (dv % 16 == 0) {  // 16 value dims at a time, accumulators for up to 4 queries in registers
+          for (int64_t d = 0; d < dv; d += 16)
             for (int64_t q0 = 0; q0 < Q; q0 += 4) {
-              const int64_t nq = std::min<int64_t>(4, Q - q0);
-              __m256 a[4];
-              for (int64_t t = 0; t < nq; ++t) a[t] = _mm256_loadu_ps(&acc[(q0 + t) * dv + d]);
-              for (int64_t j = 0; j < n; ++j) {
-                const __m256 vv = ld8f(vb + (s0 + j) * v_ss + d);
-                for (int64_t t = 0; t < nq; ++t)
-                  a[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(q0 + t) * BLK + j]), vv, a[t]);
+              const float* p = &sc[q0 * BLK];
+              float* a = &acc[q0 * dv + d];
+              const T* vr = vb + s0 * v_ss + d;
+              switch (std::min<int64_t>(4, Q - q0)) {
+                case 1: weigh_values<T, 1>(p, BLK, n, vr, v_ss, a, dv); break;
+                case 2: weigh_values<T, 2>(p, BLK, n, vr, v_ss, a, dv); break;
+                case 3: weigh_values<T, 3>(p, BLK, n, vr, v_ss, a, dv); break;
+                default: weigh_values<T, 4>(p, BLK, n, vr, v_ss, a, dv); break;
               }
-              for (int64_t t = 0; t < nq; ++t) _mm256_storeu_ps(&acc[(q0 + t) * dv + d], a[t]);
             }
           continue;
         }
