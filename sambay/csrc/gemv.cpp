@@ -684,7 +684,15 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         for (int64_t qi = 0; qi < Q; ++qi) {
           float* row = &sc[qi * BLK];
           float bm = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) bm = std::max(bm, row[j]);
+          int64_t j0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+          __m256 mv = _mm256_set1_ps(-INFINITY);
+          for (; j0 + 8 <= n; j0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j0));
+          __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+          m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+          bm = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#endif
+          for (; j0 < n; ++j0) bm = std::max(bm, row[j0]);
           const float mn = std::max(m[qi], bm);
           if (mn == -INFINITY) {  // nothing valid yet: these keys weigh nothing
             std::fill(row, row + n, 0.f);
@@ -705,8 +713,10 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
           for (; j < n; ++j) { row[j] = std::exp(row[j] - mn); sum += row[j]; }
           l[qi] = l[qi] * corr + sum;
           m[qi] = mn;
-          float* a = &acc[qi * dv];
-          for (int64_t d = 0; d < dv; ++d) a[d] *= corr;
+          if (corr != 1.f) {  // the running maximum moved
+            float* a = &acc[qi * dv];
+            for (int64_t d = 0; d < dv; ++d) a[d] *= corr;
+          }
         }
         // values: read each row once, add it to every query's accumulator
         const T* vb = v + b * v_sb + h * v_sh;
