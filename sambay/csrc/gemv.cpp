@@ -286,15 +286,28 @@ void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, u
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* p = x + m * K + b * QB;
-      float mx = 0.f;
-      for (int i = 0; i < QB; ++i) mx = std::max(mx, std::fabs(p[i]));
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      __m256 v[8], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i) {
+        v[i] = _mm256_loadu_ps(p + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
       const float scale = mx > 0.f ? mx / 127.f : 1.f;
       xs[m * nb + b] = scale;
-      const float inv = 1.f / scale;
-      for (int i = 0; i < QB; ++i) {  // round half to even, as torch.round
-        const int q = static_cast<int>(std::nearbyint(p[i] * inv));
-        xq[m * K + b * QB + i] = static_cast<int8_t>(q);
-        xa[m * K + b * QB + i] = static_cast<uint8_t>(std::abs(q));
+      const __m256 inv = _mm256_set1_ps(1.f / scale);
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
+      for (int i = 0; i < 8; i += 4) {  // round half to even (the default rounding mode), as torch.round
+        const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
+        const __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 2], inv));
+        const __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 3], inv));
+        const __m256i q = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3)), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * QB + 8 * i), q);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + m * K + b * QB + 8 * i), _mm256_abs_epi8(q));
       }
     }
 }
