@@ -87,7 +87,7 @@ def run_info(args: argparse.Namespace) -> int:
     if args.kernels:
         from . import kernels
 
-        print(f"kernels     {kernels.native_status()}; low-precision paths: "
+        print(f"kernels     {kernels.native_status()} on {kernels.parallel_threads()} thread(s); low-precision paths: "
               f"{', '.join(kernels.fast_paths()) or 'none (exact float32 activations)'}")
     print("layers:")
     for i, role in enumerate(info["layers"]):

@@ -195,5 +195,6 @@ def test_cli_info_on_folder_and_preset(capsys):
     from sambay import kernels
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("kernels"))
     assert kernels.native_status() in line and all(p in line for p in kernels.fast_paths())
+    assert f"on {torch.get_num_threads()} thread(s)" in line
     assert main(["info", "--model", "/no/such/dir"]) == 2
     assert "no model folder" in capsys.readouterr().err
