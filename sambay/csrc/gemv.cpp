@@ -47,8 +47,13 @@ inline __m256 exp8(__m256 x0) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)),
                        _mm256_cmp_ps(x0, _mm256_set1_ps(-87.3f), _CMP_GE_OQ));
 }
-inline __m256 ld8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 ld8f(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
@@ -112,11 +117,6 @@ inline void micro(const W* w, int64_t K, const float* x, int64_t ldx, float out[
     }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 inline __m256 load8(const int8_t* p) {
   __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
@@ -292,9 +292,7 @@ void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, u
         v[i] = _mm256_loadu_ps(p + 8 * i);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
       }
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      const float mx = hmax8(amax);
       const float scale = mx > 0.f ? mx / 127.f : 1.f;
       xs[m * nb + b] = scale;
       const __m256 inv = _mm256_set1_ps(1.f / scale);
@@ -572,7 +570,7 @@ inline void key_dots(const float* qs, int64_t dk, const T* kr, float scale, floa
   __m256 a[NQ];
   for (int t = 0; t < NQ; ++t) a[t] = _mm256_setzero_ps();
   for (int64_t d = 0; d < dk; d += 8) {
-    const __m256 kv = ld8f(kr + d);
+    const __m256 kv = load8(kr + d);
     for (int t = 0; t < NQ; ++t) a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + t * dk + d), kv, a[t]);
   }
   for (int t = 0; t < NQ; ++t) out[t * stride] = hsum8(a[t]) * scale;
@@ -588,7 +586,7 @@ inline void key_dots4(const float* qs, int64_t dk, const T* kr, int64_t k_ss, fl
     for (int i = 0; i < 4; ++i) a[t][i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < dk; d += 8) {
     __m256 kv[4];
-    for (int i = 0; i < 4; ++i) kv[i] = ld8f(kr + i * k_ss + d);
+    for (int i = 0; i < 4; ++i) kv[i] = load8(kr + i * k_ss + d);
     for (int t = 0; t < NQ; ++t) {
       const __m256 qv = _mm256_loadu_ps(qs + t * dk + d);
       for (int i = 0; i < 4; ++i) a[t][i] = _mm256_fmadd_ps(qv, kv[i], a[t][i]);
@@ -612,7 +610,7 @@ inline void weigh_values(const float* p, int64_t p_stride, int64_t n, const T* v
     a[t][1] = _mm256_loadu_ps(acc + t * acc_stride + 8);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 v0 = ld8f(v + j * v_ss), v1 = ld8f(v + j * v_ss + 8);
+    const __m256 v0 = load8(v + j * v_ss), v1 = load8(v + j * v_ss + 8);
     for (int t = 0; t < NQ; ++t) {
       const __m256 pj = _mm256_set1_ps(p[t * p_stride + j]);
       a[t][0] = _mm256_fmadd_ps(pj, v0, a[t][0]);
@@ -701,9 +699,7 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
 #if defined(__AVX2__) && defined(__FMA__)
           __m256 mv = _mm256_set1_ps(-INFINITY);
           for (; j0 + 8 <= n; j0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j0));
-          __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-          m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-          bm = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+          bm = hmax8(mv);
 #endif
           for (; j0 < n; ++j0) bm = std::max(bm, row[j0]);
           const float mn = std::max(m[qi], bm);
