@@ -120,6 +120,19 @@ class DecodeState:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cached(owner: nn.Module, attr: str, params: tuple, compute, *extra):
+    """compute(), a value derived from `params` (and `extra`) alone, kept on owner.attr while they
+    are unchanged and no gradient is wanted: decoding asks for it again at every step."""
+    if torch.is_grad_enabled():
+        return compute()
+    key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in params) + extra
+    hit = getattr(owner, attr, None)
+    if hit is None or hit[0] != key:
+        hit = (key, compute())
+        setattr(owner, attr, hit)
+    return hit[1]
+
+
 class Mamba(nn.Module):
     """Mamba-1 selective SSM. The memory layer (L/2) also returns its SSM output y as the memory."""
 
@@ -162,15 +175,8 @@ class Mamba(nn.Module):
         return out, (y if self.emits_memory else memory)
 
     def _A(self) -> torch.Tensor:
-        """A = -exp(A_log); cached while A_log is unchanged and no gradient is wanted (it is the
-        same matrix at every decode step)."""
-        p = self.A_log
-        if torch.is_grad_enabled():
-            return -torch.exp(p.float())
-        key = (p.data_ptr(), -1 if p.is_inference() else p._version)
-        if getattr(self, "_A_cached", None) is None or self._A_cached[0] != key:
-            self._A_cached = (key, -torch.exp(p.float()))
-        return self._A_cached[1]
+        """A = -exp(A_log), the same matrix at every decode step."""
+        return _cached(self, "_A_cached", (self.A_log,), lambda: -torch.exp(self.A_log.float()))
 
     def _conv(self, x, at: Positions, layer: int):
         """Causal depthwise conv, left-padded by the state's window (or zeros)."""
@@ -206,20 +212,13 @@ class DiffLambda(nn.Module):
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.empty(head_dim, dtype=torch.float32)))
         self.subln = nn.RMSNorm(2 * head_dim, eps=1e-5)
-        self._cached: tuple | None = None
+        self._lam_cached: tuple | None = None
 
     def lam(self, lambda_init: float) -> torch.Tensor:
-        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init; cached while the parameters are unchanged
-        and no gradient is wanted (it is the same scalar at every decode step)."""
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, the same scalar at every decode step."""
         ps = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
-        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in ps) + (lambda_init,)
-        if torch.is_grad_enabled() or self._cached is None or self._cached[0] != key:
-            value = (torch.exp(torch.dot(ps[0].float(), ps[1].float()))
-                     - torch.exp(torch.dot(ps[2].float(), ps[3].float())) + lambda_init)
-            if torch.is_grad_enabled():
-                return value
-            self._cached = (key, value)
-        return self._cached[1]
+        return _cached(self, "_lam_cached", ps, lambda: torch.exp(torch.dot(ps[0].float(), ps[1].float()))
+                       - torch.exp(torch.dot(ps[2].float(), ps[3].float())) + lambda_init, lambda_init)
 
 
 class Attention(nn.Module):
