@@ -32,23 +32,6 @@ from .config import CROSS_ATTENTION, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA
 from .errors import SambayError
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` sums over a buffer far larger than cache."""
-    from .kernels import stream_read
-
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    stream_read(x)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        stream_read(x)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
-PROBE_BYTES = 512 * 2**20  # far beyond any cache; about 20 ms to read
-
-
 def _probe(buf: torch.Tensor) -> float:
     """One read of `buf` with the streaming kernel: bytes/s right now."""
     from .kernels import stream_read
@@ -56,6 +39,16 @@ def _probe(buf: torch.Tensor) -> float:
     t = time.perf_counter()
     stream_read(buf)
     return buf.numel() * 4 / (time.perf_counter() - t)
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` reads of a buffer far larger than cache."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    _probe(x)
+    return max(_probe(x) for _ in range(repeats))
+
+
+PROBE_BYTES = 512 * 2**20  # far beyond any cache; about 20 ms to read
 
 
 def measure_matmul_flops(n: int = 2048, dtype=torch.bfloat16, repeats: int = 3) -> float:
