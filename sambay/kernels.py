@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SRC = Path(__file__).parent / "csrc" / "gemv.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "gemv.cpp", _CSRC / "glue.cpp"]  # and their headers, simd.h and glue.h
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -51,7 +52,7 @@ def _load():
             flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
             print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
                   flush=True) if not any(build.glob("*.so")) else None
-            _module = load(name="sambay_gemv", sources=[str(_SRC)], extra_cflags=flags,
+            _module = load(name="sambay_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                            build_directory=str(build), verbose=False)
         except Exception as e:  # no compiler, no headers, ...: fall back to the reference path
             _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -98,17 +99,21 @@ def fast_paths() -> list[str]:
     return list(mod.fast_paths()) if mod is not None else []
 
 
+_EMPTY = torch.empty(0)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-         exact: bool = False) -> torch.Tensor:
-    """x @ w.T * scale. Where the CPU has them (see fast_paths), int8 weights meet activations
-    rounded to int8 per 64-value block, bf16 weights meet bf16 activations; exact=True keeps x in
-    float32. gemv_lowp_ref and gemv_ref are the references."""
-    mod = _load()
+         exact: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T * scale + bias (bias float32). Where the CPU has them (see fast_paths), int8 weights
+    meet activations rounded to int8 per 64-value block, bf16 weights meet bf16 activations;
+    exact=True keeps x in float32. gemv_lowp_ref and gemv_ref are the references."""
+    mod = _module or _load()
     if mod is None or x.device.type != "cpu" or torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad):
-        return gemv_ref(x, w, scale)
-    empty = scale if scale is not None else torch.empty(0)
-    return mod.gemv(x.float(), w, empty, int(exact))
+        y = gemv_ref(x, w, scale)
+        return y if bias is None else y + bias
+    return mod.gemv(x.float(), w, _EMPTY if scale is None else scale, int(exact),
+                    _EMPTY if bias is None else bias)
 
 
 def stream_read(buf: torch.Tensor) -> float:
@@ -136,3 +141,21 @@ def ssm_step(x, dt, A, Bm, Cm, D, state: torch.Tensor):
             or any(t.dtype != torch.float32 for t in (x, dt, A, Bm, Cm, D, state))):
         return None
     return mod.ssm_step(x, dt, A, Bm, Cm, D, state)
+
+
+# ---- fused decode glue (csrc/glue.cpp); the PyTorch twins and the dispatch live in sambay/ops.py ----
+
+
+def glue():
+    """The native glue module when it can run here and now (no autograd wanted), else None."""
+    mod = _module or _load()
+    return None if mod is None or torch.is_grad_enabled() else mod
+
+
+# Decode blocks: one native call per MLP or mixer when decoding a packed model (sambay.model).
+# False sends decode through the models' modules op by op instead: the blocks' reference.
+BLOCKS = True
+
+
+def blocks():
+    return glue() if BLOCKS else None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import kernels, ops
 from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, Phi3Config,
                      SambaYConfig)
 from .errors import SambayError
@@ -120,6 +120,22 @@ class DecodeState:
 # ---------------------------------------------------------------------------------------------
 
 
+def _native_block(rows: int, *linears):
+    """(native module, each linear as the blocks take it) when these layers can run as one native
+    decode block: packed weights (quant.PackedLinear) at GEMV sizes and no autograd; else None."""
+    from .quant import GEMV_MAX_ROWS, PackedLinear
+
+    mod = kernels.blocks() if rows <= GEMV_MAX_ROWS else None
+    if mod is None or not all(isinstance(lin, PackedLinear) for lin in linears):
+        return None
+    args = [lin.native() for lin in linears]
+    return None if any(a is None for a in args) else (mod, args)
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return kernels._EMPTY if t is None else t
+
+
 def _cached(owner: nn.Module, attr: str, params: tuple, compute, *extra):
     """compute(), a value derived from `params` (and `extra`) alone, kept on owner.attr while they
     are unchanged and no gradient is wanted: decoding asks for it again at every step."""
@@ -150,8 +166,21 @@ class Mamba(nn.Module):
         self.dt_rank, self.d_state = r, n
 
     def forward(self, h, at: Positions, layer: int, memory=None):
+        B, T, d = h.shape
+        conv_state = at.state.conv[layer] if at.state is not None else None
+        if T == 1 and conv_state is not None and not at.padded and h.dtype == self.D.dtype == torch.float32:
+            blk = _native_block(B, self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+            if blk is not None and conv_state.is_contiguous() and self.conv1d.weight.dtype == torch.float32:
+                (mod, (inp, xp, dtp, outp)) = blk
+                out, y = mod.mamba_step(h.reshape(B, d), inp, conv_state, self.conv1d.weight[:, 0, :],
+                                        _or_empty(self.conv1d.bias), xp, dtp, self._A(), self.D,
+                                        at.state.ssm[layer], outp)
+                return out.view(B, 1, d), (y.unsqueeze(1) if self.emits_memory else memory)
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, e) each
-        if at.padded:  # padding must not enter the conv window or the state
+        if conv_state is not None and x.shape[1] == 1 and not at.padded:  # decode: one conv step
+            w = self.conv1d.weight[:, 0, :]
+            x = ops.conv_step(x[:, 0], conv_state, w, self.conv1d.bias).unsqueeze(1)
+        elif at.padded:  # padding must not enter the conv window or the state
             mask = at.valid.unsqueeze(-1).to(x.dtype)
             x = F.silu(self._conv(x * mask, at, layer)) * mask
         else:
@@ -171,7 +200,7 @@ class Mamba(nn.Module):
             y, final = ops.selective_scan(*args, state=state)
             if state is not None:
                 state.copy_(final)
-        out = self.out_proj((y * F.silu(z.float())).to(h.dtype))
+        out = self.out_proj(ops.silu_mul(z.float(), y).to(h.dtype))
         return out, (y if self.emits_memory else memory)
 
     def _A(self) -> torch.Tensor:
@@ -201,7 +230,14 @@ class GatedMemoryUnit(nn.Module):
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=False)
 
     def forward(self, h, at: Positions, layer: int, memory):
-        return self.out_proj(F.silu(self.in_proj(h)) * memory.to(h.dtype)), memory
+        B, T, d = h.shape
+        if h.dtype == memory.dtype == torch.float32:
+            blk = _native_block(B * T, self.in_proj, self.out_proj)
+            if blk is not None:
+                mod, (inp, outp) = blk
+                out = mod.gmu_step(h.reshape(B * T, d), memory.reshape(B * T, -1), inp, outp)
+                return out.view(B, T, d), memory
+        return self.out_proj(ops.silu_mul(self.in_proj(h), memory.to(h.dtype))), memory
 
 
 class DiffLambda(nn.Module):
@@ -263,10 +299,16 @@ class Attention(nn.Module):
 
     def forward(self, h, at: Positions, layer: int, shared_kv=None):
         B, T, _ = h.shape
+        if T == 1 and (self.cross or at.state is not None) and h.dtype == torch.float32:
+            done = self._decode_block(h, at, layer, shared_kv)
+            if done is not None:
+                return done
         qkv = self.Wqkv(h)
         q = qkv[..., : self.H * self.hd].view(B, T, self.H, self.hd)
         if self.cross:
             k, v, k_pos, k_valid = shared_kv
+        elif T == 1 and at.state is not None:  # decode: the new K/V go straight into the cache
+            k, v, k_pos, k_valid = self._with_cache(qkv[:, 0, self.H * self.hd:], None, at, layer)
         else:
             kv = qkv[..., self.H * self.hd:].view(B, T, 2 * self.Hkv, self.hd)
             k, v = self.to_cache_layout(kv[:, :, : self.Hkv], kv[:, :, self.Hkv:])
@@ -276,29 +318,18 @@ class Attention(nn.Module):
         return out, ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
 
     def _with_cache(self, k, v, at: Positions, layer: int):
-        """Merge fresh K/V (cache layout) with the state's; returns keys, values, positions, validity."""
+        """Merge fresh K/V (cache layout) with the state's; returns keys, values, positions, validity.
+        v None (decode, one token per row): k is the projection's (B, 2 * Hkv * hd) keys and values."""
         state = at.state
         if state is None:
             return k, v, at.pos, at.valid
         kc, vc = state.k[layer], state.v[layer]
-        slots, T = kc.shape[2], k.shape[2]
+        slots, T = kc.shape[2], (1 if v is None else k.shape[2])
         start = at.pos[:, 0]  # (B,) first new position of each row
-        if self.window is None or slots == state.max_length:  # slot = position
-            _write(kc, vc, k, v, start, slots)
-            if "linear" not in at.memo:
-                used = int(at.pos.max()) + 1
-                pos = torch.arange(used, device=k.device).expand(k.shape[0], used)
-                at.memo["linear"] = (used, pos, state.valid[:, :used])
-            used, pos, valid = at.memo["linear"]
-            return kc[:, :, :used], vc[:, :, :used], pos, valid
-        # Ring buffer of the last `slots` positions.
-        if T == 1:  # decode: write first, then the ring is exactly the window
-            _write(kc, vc, k, v, start, slots)
-            if ("ring", slots) not in at.memo:
-                ring_pos = _ring_positions(start + 1, slots)
-                at.memo["ring", slots] = (ring_pos, _gather_valid(state.valid, ring_pos))
-            ring_pos, ring_valid = at.memo["ring", slots]
-            return kc, vc, ring_pos, ring_valid
+        if self.window is None or slots == state.max_length or T == 1:  # slot = position, or decode
+            self._store(kc, vc, k, v, start, slots)
+            return self._cache_view(at, kc, vc, start)
+        # Ring buffer of the last `slots` positions, prefill.
         ring_pos = _ring_positions(start, slots)
         keys = torch.cat([kc, k], dim=2)
         vals = torch.cat([vc, v], dim=2)
@@ -308,28 +339,91 @@ class Attention(nn.Module):
         _write(kc, vc, k[:, :, -keep:], v[:, :, -keep:], start + T - keep, slots)
         return keys, vals, pos, valid
 
+    def _cache_view(self, at: Positions, kc, vc, start: torch.Tensor):
+        """The cache as keys, values, positions, validity, once this call's positions are written
+        (every call for slot = position; one token per row for a ring buffer, which then holds
+        exactly the window)."""
+        state, slots = at.state, kc.shape[2]
+        if self.window is None or slots == state.max_length:
+            if "linear" not in at.memo:
+                used = int(at.pos.max()) + 1
+                pos = torch.arange(used, device=kc.device).expand(kc.shape[0], used)
+                at.memo["linear"] = (used, pos, state.valid[:, :used])
+            used, pos, valid = at.memo["linear"]
+            return kc[:, :, :used], vc[:, :, :used], pos, valid
+        if ("ring", slots) not in at.memo:
+            ring_pos = _ring_positions(start + 1, slots)
+            at.memo["ring", slots] = (ring_pos, _gather_valid(state.valid, ring_pos))
+        ring_pos, ring_valid = at.memo["ring", slots]
+        return kc, vc, ring_pos, ring_valid
+
+    def _decode_mask(self, at: Positions, k_pos, k_valid):
+        """One mask per step for all layers reading the same keys: (B, 1, 1, S)."""
+        key = ("mask", self.window, id(k_pos))
+        if key not in at.memo:
+            at.memo[key] = (k_pos, ops.attention_mask(at.pos, k_pos, k_valid, self.window))
+        return at.memo[key][1]
+
+    def _decode_block(self, h, at: Positions, layer: int, shared_kv):
+        """A decode step as one native call (kernels.BLOCKS): the projections, the cache write, the
+        attention and (differential) the combination. None where it does not apply; nothing has
+        been written then. The rest of this class is its reference."""
+        B, _, d = h.shape
+        blk = _native_block(B, self.Wqkv, self.out_proj)
+        p = self.inner_cross_attn if self.diff else None
+        if blk is None or (p is not None and p.subln.weight.dtype != torch.float32):
+            return None
+        mod, (qkv, outp) = blk
+        if self.cross:
+            k, v, k_pos, k_valid = shared_kv
+            kc = vc = slot = kernels._EMPTY
+        else:
+            kc, vc = at.state.k[layer], at.state.v[layer]
+            start = at.pos[:, 0]
+            if ("slot", kc.shape[2]) not in at.memo:
+                at.memo["slot", kc.shape[2]] = torch.remainder(start, kc.shape[2])
+            slot = at.memo["slot", kc.shape[2]]
+            k, v, k_pos, k_valid = self._cache_view(at, kc, vc, start)
+        half = self.Hkv // 2
+        k_all = ops._stack_views([k[:, :half], k[:, half:]]) if self.diff else k.unsqueeze(1)
+        if k_all is None or k_all.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+        mask = self._decode_mask(at, k_pos, k_valid).reshape(B, -1)
+        if p is not None:
+            args = (float(p.lam(self.lambda_init)), p.subln.weight, p.subln.eps, 1 - self.lambda_init)
+        else:
+            args = (0.0, kernels._EMPTY, 0.0, 1.0)
+        out = mod.attention_step(h.reshape(B, d), qkv, self.H, kc, vc, slot, k_all, v, mask, *args, outp)
+        return out.view(B, 1, d), ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
+
+    def _store(self, kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
+        if v is None:  # one token per row, as projected
+            ops.kv_write(k, kc, vc, torch.remainder(start, slots), self.diff)
+        else:
+            _write(kc, vc, k, v, start, slots)
+
     def _attend(self, q, k, v, at: Positions, k_pos, k_valid):
         """q (B, T, H, hd) over keys/values in cache layout -> (B, T, H * hd)."""
         drop = self.dropout if self.training else 0.0
         B, T = q.shape[:2]
-        q = q.to(k.dtype)  # float32 in a packed model, whose K/V cache keeps the model's dtype
+        if T > 1:  # float32 in a packed model, whose K/V cache keeps the model's dtype
+            q = q.to(k.dtype)
         q_pos, mask = at.pos, None
-        if T == 1:  # decode: one mask per step for all layers reading the same keys
-            key = ("mask", self.window, id(k_pos))
-            if key not in at.memo:
-                at.memo[key] = (k_pos, ops.attention_mask(at.pos, k_pos, k_valid, self.window))
-            mask = at.memo[key][1]
+        if T == 1:  # decode
+            mask = self._decode_mask(at, k_pos, k_valid)
         if not self.diff:
             o = ops.attention(q.transpose(1, 2), k, v, q_pos, k_pos, k_valid, self.window, drop, mask)
             return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
         half = self.Hkv // 2
         q1, q2 = q[:, :, 0::2].transpose(1, 2), q[:, :, 1::2].transpose(1, 2)  # (B, H/2, T, hd)
-        if mask is not None and not drop:  # decode: both halves in one pass over K and V
-            a1, a2 = ops.decode_attention_groups([q1, q2], [k[:, :half], k[:, half:]], v, mask)
-        else:
-            a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
-            a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         p = self.inner_cross_attn
+        if mask is not None and not drop:  # decode: both halves in one pass over K and V
+            o = ops.decode_attention_stacked([q1, q2], [k[:, :half], k[:, half:]], v, mask)  # (B, 2, H/2, 2hd)
+            lam = float(p.lam(self.lambda_init))
+            o = ops.diff_combine(o.unsqueeze(3), lam, p.subln.weight, p.subln.eps, 1 - self.lambda_init)
+            return o.view(B, 1, self.H * self.hd)
+        a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
+        a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         o = a1.float() - p.lam(self.lambda_init) * a2.float()  # (B, H/2, T, 2hd)
         o = F.rms_norm(o, (2 * self.hd,), p.subln.weight.float(), p.subln.eps) * (1 - self.lambda_init)
         return o.transpose(1, 2).reshape(B, T, self.H * self.hd)
@@ -378,7 +472,7 @@ class MLP(nn.Module):
 
     def forward(self, h):
         gate, up = self.fc1(h).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * up)
+        return self.fc2(ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -409,11 +503,25 @@ class DecoderLayer(nn.Module):
     def forward(self, h, at: Positions, carry):
         """h: float32 residual stream (B, T, d). `carry` is the shared memory for Mamba/GMU layers and
         the shared K/V for attention layers; each layer passes on what the next of its kind needs."""
-        dtype = self.input_layernorm.weight.dtype
-        mixed, carry = self.attn(self.input_layernorm(h.to(dtype)), at, self.index, carry)
-        h = h + self.resid_dropout(mixed).float()
-        h = h + self.resid_dropout(self.mlp(self.post_attention_layernorm(h.to(dtype)))).float()
-        return h, carry
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if self.training or ln1.weight.dtype != torch.float32:  # dropout; or norms in low precision
+            dtype = ln1.weight.dtype
+            mixed, carry = self.attn(ln1(h.to(dtype)), at, self.index, carry)
+            h = h + self.resid_dropout(mixed).float()
+            h = h + self.resid_dropout(self.mlp(ln2(h.to(dtype)))).float()
+            return h, carry
+        # Float32 norms (a float32 or packed model, at inference): residual adds and norms fused.
+        B, T, d = h.shape
+        h, x = ops.add_layer_norm(h.reshape(B * T, d), None, ln1.weight, ln1.bias, ln1.eps)
+        mixed, carry = self.attn(x.view(B, T, d), at, self.index, carry)
+        blk = _native_block(B * T, self.mlp.fc1, self.mlp.fc2) if mixed.dtype == torch.float32 else None
+        if blk is not None:
+            mod, (fc1, fc2) = blk
+            h = mod.mlp_step(h, mixed.reshape(B * T, d), ln2.weight, _or_empty(ln2.bias), ln2.eps, fc1, fc2)
+            return h.view(B, T, d), carry
+        h, x = ops.add_layer_norm(h, mixed.reshape(B * T, d), ln2.weight, ln2.bias, ln2.eps)
+        h = h + self.mlp(x.view(B, T, d)).reshape(B * T, d)
+        return h.view(B, T, d), carry
 
 
 class SambaYModel(nn.Module):

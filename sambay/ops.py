@@ -1,4 +1,5 @@
-"""Sequence kernels: the selective scan (Mamba-1) and masked attention.
+"""Sequence kernels: the selective scan (Mamba-1) and masked attention, and the fused glue of a
+decode step (norms, gates, the conv window, the K/V cache write).
 
 Each fast function has a small, obviously-right `*_ref` twin with the same signature right beside it;
 the tests hold them equal. The fast versions work in chunks so that a long prompt never
@@ -204,8 +205,14 @@ def _sdpa(q, k, v, q_pos, k_pos, k_valid, window, dropout):
 def decode_attention_groups(qs, ks, v, mask):
     """One query per row for several query groups sharing the same values (differential
     attention: (q1, k1) and (q2, k2) both over V). qs[i] (B, Hq, 1, dk), ks[i] (B, Hk, S, dk),
-    v (B, Hk, S, dv), mask (B, 1, 1, S). Returns a list of (B, Hq, 1, dv), one per group.
-    The native kernel streams K and V once; the fallback is `_decode_attention` per group."""
+    v (B, Hk, S, dv), mask (B, 1, 1, S). Returns a list of (B, Hq, 1, dv), one per group."""
+    out = decode_attention_stacked(qs, ks, v, mask)
+    return [out[:, i].unsqueeze(2) for i in range(len(qs))]
+
+
+def decode_attention_stacked(qs, ks, v, mask):
+    """decode_attention_groups' results as one tensor (B, G, Hq, dv), in the queries' dtype.
+    The native kernel streams K and V once for all groups; the fallback is `_decode_attention`."""
     from . import kernels
 
     B, Hq, _, dk = qs[0].shape
@@ -217,8 +224,8 @@ def decode_attention_groups(qs, ks, v, mask):
         q_all = torch.stack([q.reshape(B, Hk, g, dk) for q in qs], dim=1)
         out = kernels.decode_attention(q_all, k_all, v, mask.reshape(B, S))
     if out is None:
-        return [_decode_attention(q, k, v, mask) for q, k in zip(qs, ks)]
-    return [out[:, i].reshape(B, Hq, 1, v.shape[-1]).to(qs[i].dtype) for i in range(len(qs))]
+        return torch.stack([_decode_attention(q, k, v, mask)[:, :, 0] for q, k in zip(qs, ks)], dim=1)
+    return out.reshape(B, len(qs), Hq, v.shape[-1]).to(qs[0].dtype)
 
 
 def _stack_views(ks):
@@ -246,3 +253,106 @@ def _decode_attention(q, k, v, mask):
     scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(B, Hq, 1, v.shape[-1]).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode glue: the small vector operations between a decode step's matrix products, fused
+# natively (csrc/glue.cpp) when the kernels are built, no gradient is wanted and the tensors are
+# float32 (states may be bfloat16); otherwise the `*_ref` twin runs. Rows: (R, n) views whose
+# last dimension is contiguous.
+# ---------------------------------------------------------------------------------------------
+
+
+def _glue(*tensors):
+    from . import kernels
+
+    mod = kernels.glue()
+    if mod is None or any(t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors):
+        return None
+    return mod
+
+
+def add_layer_norm(h, delta, weight, bias, eps: float):
+    """(h + delta, layer_norm(h + delta)) for h, delta (R, d); delta None: (h, layer_norm(h))."""
+    f32 = h.dtype == weight.dtype == torch.float32 and (delta is None or delta.dtype == torch.float32)
+    mod = _glue(h, *(() if delta is None else (delta,))) if f32 and h.dim() == 2 else None
+    if mod is None or (bias is not None and bias.dtype != torch.float32):
+        return add_layer_norm_ref(h, delta, weight, bias, eps)
+    h2, out = mod.add_layer_norm(h, delta if delta is not None else h.new_empty(0), weight,
+                                 bias if bias is not None else h.new_empty(0), eps)
+    return h2, out
+
+
+def add_layer_norm_ref(h, delta, weight, bias, eps: float):
+    h = h if delta is None else h + delta
+    return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+def silu_mul(a, b):
+    """silu(a) * b, for a and b of the same shape (any number of leading dims)."""
+    if a.dtype == b.dtype == torch.float32 and a.shape == b.shape and a.dim() >= 2:
+        a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        mod = _glue(a2, b2)
+        if mod is not None:
+            return mod.silu_mul(a2, b2).view(a.shape)
+    return silu_mul_ref(a, b)
+
+
+def silu_mul_ref(a, b):
+    return F.silu(a) * b
+
+
+def conv_step(x, state, weight, bias):
+    """Mamba's causal depthwise conv for one new input per row, then silu. x (B, e); state
+    (B, k-1, e) holds the previous inputs (oldest first) and is shifted in place to take x;
+    weight (e, k); bias (e,) or None. Returns (B, e) in x's dtype."""
+    if x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        mod = _glue(x, state)
+        if mod is not None and state.is_contiguous():
+            return mod.conv_step(x, state, weight, bias if bias is not None else x.new_empty(0))
+    return conv_step_ref(x, state, weight, bias)
+
+
+def conv_step_ref(x, state, weight, bias):
+    window = torch.cat([state.to(x.dtype), x.unsqueeze(1)], dim=1)  # (B, k, e)
+    state.copy_(window[:, 1:])
+    out = sum(window[:, j] * weight[:, j] for j in range(weight.shape[1]))
+    return F.silu(out + bias if bias is not None else out)
+
+
+def diff_combine(o, lam: float, weight, eps: float, scale: float):
+    """Differential attention's output for one query per row: o (B, 2, Hk, g, dv) holds the
+    attention of the q1 and q2 heads; returns rms_norm(o1 - lam * o2) * weight * scale as
+    (B, Hk * g * dv), heads in order."""
+    mod = _glue(o) if o.dtype == weight.dtype == torch.float32 else None
+    if mod is None:
+        return diff_combine_ref(o, lam, weight, eps, scale)
+    return mod.diff_combine(o, lam, weight, eps, scale)
+
+
+def diff_combine_ref(o, lam: float, weight, eps: float, scale: float):
+    o = o.float()
+    mixed = o[:, 0] - lam * o[:, 1]
+    out = F.rms_norm(mixed, (o.shape[-1],), weight.float(), eps) * scale
+    return out.reshape(o.shape[0], -1)
+
+
+def kv_write(kv, kc, vc, slot, diff: bool):
+    """Write one new position per row into a K/V cache. kv (B, 2 * Hkv * hd): the projected keys
+    then values; kc (B, Hkv, S, hd), vc (B, Hv, S, dv) with Hv * dv = Hkv * hd; slot (B,) int64.
+    diff: key heads are stored [even..., odd...] (differential attention's cache layout)."""
+    mod = _glue(kv, kc, vc) if kv.dtype == torch.float32 and kv.dim() == 2 else None
+    if mod is None or kc.dtype not in (torch.float32, torch.bfloat16):
+        return kv_write_ref(kv, kc, vc, slot, diff)
+    mod.kv_write(kv, kc, vc, slot, diff)
+
+
+def kv_write_ref(kv, kc, vc, slot, diff: bool):
+    B, Hkv, _, hd = kc.shape
+    k = kv[:, : Hkv * hd].reshape(B, Hkv, hd)
+    if diff:
+        k = torch.cat([k[:, 0::2], k[:, 1::2]], dim=1)
+    v = kv[:, Hkv * hd:].reshape(B, vc.shape[1], vc.shape[3])
+    rows = torch.arange(B, device=kc.device)
+    kc[rows, :, slot] = k.to(kc.dtype)
+    vc[rows, :, slot] = v.to(vc.dtype)

@@ -59,6 +59,14 @@ class PackedLinear(nn.Module):
             return cls(q, bias, s, out_dtype=w.dtype)
         return cls(w, bias)
 
+    def native(self) -> list[torch.Tensor] | None:
+        """[weight, scale, bias] as the native decode blocks take a linear layer (empty tensors for
+        none), or None if its bias is not float32."""
+        b, s = self.bias, self.weight_scale
+        if b is not None and b.dtype != torch.float32:
+            return None
+        return [self.weight, kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_scale is None:
             return self.weight.to(dtype)
@@ -68,9 +76,11 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= GEMV_MAX_ROWS:
-            y = kernels.gemv(x2, self.weight, self.weight_scale)
-            if self.bias is not None:
-                y = y + self.bias
+            b = self.bias
+            if b is None or b.dtype == torch.float32:  # the kernel adds a float32 bias itself
+                y = kernels.gemv(x2, self.weight, self.weight_scale, bias=b)
+            else:
+                y = kernels.gemv(x2, self.weight, self.weight_scale) + b
         else:
             bias = None if self.bias is None else self.bias.to(self.out_dtype)
             y = F.linear(x2.to(self.out_dtype), self.dequantized(self.out_dtype), bias)

@@ -170,3 +170,86 @@ def test_grouped_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked)
         ref = ops.attention_ref(q, kk.float(), v.float(), q_pos, k_pos, valid, None)
         torch.testing.assert_close(a.float(), ref, rtol=2e-5, atol=2e-5)
     assert ops._stack_views([k[:, :Hk], k[:, Hk:]]) is not None  # really the one-pass path
+
+
+# ---- decode glue: each fused op against its PyTorch twin ---------------------------------------------
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Names of the native glue functions called during the test (so a silent fallback to the
+    PyTorch twin, which would compare the reference with itself, fails the test)."""
+    from sambay import kernels
+
+    with torch.no_grad():
+        mod, called = kernels.glue(), set()
+    assert mod is not None, kernels.native_status()
+    for name in ("add_layer_norm", "silu_mul", "conv_step", "diff_combine", "kv_write"):
+        monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name: called.add(_n) or _f(*a))
+    return called
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows, d", [(1, 2560), (3, 77)])
+def test_add_layer_norm_equals_reference(rows, d, native):
+    g = torch.Generator().manual_seed(rows)
+    h, delta = torch.randn(rows, d, generator=g) * 3 + 1, torch.randn(rows, d, generator=g)
+    w, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    for dl, bias in ((delta, b), (None, b), (delta, None)):
+        got, ref = ops.add_layer_norm(h, dl, w, bias, 1e-5), ops.add_layer_norm_ref(h, dl, w, bias, 1e-5)
+        for x, y in zip(got, ref):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert ops.add_layer_norm(h, None, w, b, 1e-5)[0] is h  # no copy without delta
+    assert native == {"add_layer_norm"}
+
+
+@torch.no_grad()
+def test_silu_mul_equals_reference(native):
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(3, 1, 2 * 1003, generator=g) * 30  # large values: exp over- and underflow
+    gate, up = gu.chunk(2, -1)  # strided rows, as the MLP's views are
+    torch.testing.assert_close(ops.silu_mul(gate, up), ops.silu_mul_ref(gate, up), rtol=1e-6, atol=1e-6)
+    assert native == {"silu_mul"}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, bias", [(4, True), (3, False)])
+def test_conv_step_equals_reference(state_dtype, k, bias, native):
+    g = torch.Generator().manual_seed(k)
+    B, e = 2, 37
+    w, b = torch.randn(e, k, generator=g), (torch.randn(e, generator=g) if bias else None)
+    s1 = torch.randn(B, k - 1, e, generator=g).to(state_dtype)
+    s2 = s1.clone()
+    for _ in range(5):  # the window shifts: later steps read what earlier ones wrote
+        x = torch.randn(B, 2 * e, generator=g)[:, :e]
+        torch.testing.assert_close(ops.conv_step(x, s1, w, b), ops.conv_step_ref(x, s2, w, b), rtol=1e-5, atol=1e-5)
+        assert torch.equal(s1, s2)
+    assert native == {"conv_step"}
+
+
+@torch.no_grad()
+def test_diff_combine_equals_reference(native):
+    g = torch.Generator().manual_seed(0)
+    o, w = torch.randn(2, 2, 3, 5, 24, generator=g), torch.randn(24, generator=g)
+    torch.testing.assert_close(ops.diff_combine(o, 0.37, w, 1e-5, 0.8), ops.diff_combine_ref(o, 0.37, w, 1e-5, 0.8),
+                               rtol=1e-5, atol=1e-5)
+    assert native == {"diff_combine"}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("diff", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_equals_reference(diff, dtype, native):
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, hd, S = 3, 4, 8, 6
+    qkv = torch.randn(B, 5 * Hkv * hd, generator=g)  # some query heads first, as projected
+    kv = qkv[:, 3 * Hkv * hd:]
+    vshape = (B, Hkv // 2, S, 2 * hd) if diff else (B, Hkv, S, hd)
+    caches = [(torch.zeros(B, Hkv, S, hd, dtype=dtype), torch.zeros(vshape, dtype=dtype)) for _ in range(2)]
+    slot = torch.tensor([0, 5, 2])
+    ops.kv_write(kv, *caches[0], slot, diff)
+    ops.kv_write_ref(kv, *caches[1], slot, diff)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert caches[0][0].abs().sum() > 0 and caches[0][1].abs().sum() > 0
+    assert native == {"kv_write"}

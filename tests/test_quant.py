@@ -134,3 +134,51 @@ def test_quantize_command(tmp_path, capsys):
     assert sambay.load_model(tmp_path / "q").quantization == "int8"
     assert main(["quantize", "--model", "/no/such", "--out", str(tmp_path / "x")]) == 2
     assert "no model folder" in capsys.readouterr().err
+
+
+BLOCK_VARIANTS = {"tiny": {}, "no-differential": {"differential_attention": False},
+                  "window-1": {"sliding_window": 1}, "gqa-4": {"num_attention_heads": 8, "num_key_value_heads": 2},
+                  "mamba-biases": {"mamba_proj_bias": True, "mamba_conv_bias": False}}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
+    """A packed model decodes through one native call per mixer and per MLP (kernels.BLOCKS); the
+    same steps through the modules op by op, their reference, give the same logits and states.
+    A ragged batch: one left-padded row, so rows sit at different positions and slots."""
+    cfg = sambay.preset("tiny").replace(**BLOCK_VARIANTS[variant])
+    model = sambay.build_model(cfg, dtype=torch.bfloat16, seed=0)
+    g = torch.Generator().manual_seed(4)
+    for p in model.parameters():
+        if p.dim() == 2:  # larger than init, so that every layer visibly matters
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        elif p.dtype.is_floating_point and "A_log" not in p.__repr__():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model = quantize_model(model) if int8 else pack_model(model)
+    ids = torch.randint(0, 500, (3, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mod = kernels.blocks()
+    assert mod is not None
+    calls = []
+    for name in ("mlp_step", "gmu_step", "mamba_step", "attention_step"):
+        monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name: calls.append(_n) or _f(*a))
+
+    def decode(blocks: bool):
+        monkeypatch.setattr(kernels, "BLOCKS", blocks)
+        state = model.new_state(3, 24)
+        out = [model(ids[:, :10], attention_mask=mask[:, :10], state=state)]
+        out += [model(ids[:, t:t + 1], state=state) for t in range(10, 24)]
+        return torch.cat(out, 1), state
+
+    ref, ref_state = decode(False)
+    assert not calls
+    got, state = decode(True)
+    assert set(calls) == {"mlp_step", "gmu_step", "mamba_step", "attention_step"}
+    # 14 steps of a mixer and an MLP per layer (and the prompt's last position in the cross-decoder)
+    assert len(calls) == 14 * 2 * cfg.num_hidden_layers + 4
+    assert torch.equal(got, ref)  # the same kernels in the same order
+    for a, b in zip(state.conv + state.ssm + state.k + state.v, ref_state.conv + ref_state.ssm + ref_state.k + ref_state.v):
+        assert (a is None and b is None) or torch.equal(a, b)

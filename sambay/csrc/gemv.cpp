@@ -14,50 +14,14 @@
 #include <string>
 #include <vector>
 
+#include "simd.h"
+#include "kernels.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace {
-
-#if defined(__AVX2__) && defined(__FMA__)
-// Helpers every AVX2 kernel below uses (AVX-512 machines have AVX2 too).
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-// exp for softmax weights and SSM decays (arguments <= 0 in practice): Cephes' expf, 2^n * poly(r),
-// about 1 ulp; below -87.3 (where expf is denormal or 0) it returns exactly 0.
-inline __m256 exp8(__m256 x0) {
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(x0, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)),
-                       _mm256_cmp_ps(x0, _mm256_set1_ps(-87.3f), _CMP_GE_OQ));
-}
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-#endif
 
 // Measured on an AVX-512 EPYC with matrices far larger than cache: up to K = 5120 one weight row
 // at a time (4 FMA chains) streams best; beyond, where the float32 activation row no longer sits
@@ -506,9 +470,10 @@ void gemv_bf16dot(const float* x, const c10::BFloat16* w, const float* scale, fl
 
 }  // namespace
 
-// x (M, K) float32; w (N, K) float32 / bfloat16 / int8; scale (N,) float32 or empty -> (M, N) float32.
-// exact = 1 keeps the activations in float32 (no int8 / bf16 rounding of x), for testing.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t exact) {
+// x (M, K) float32; w (N, K) float32 / bfloat16 / int8; scale (N,) float32 or empty; bias (N,)
+// float32 or empty -> (M, N) float32. exact = 1 keeps the activations in float32 (no int8 / bf16
+// rounding of x), for testing.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t exact, torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shape mismatch");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "gemv: x must be float32");
   x = x.contiguous();
@@ -553,6 +518,13 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
       break;
     default:
       TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());
+  }
+  if (bias.numel()) {  // added after the scale, in float32, as PackedLinear's reference does
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == N, "gemv: bias must be float32 (N,)");
+    const float* bp = bias.contiguous().data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bp[n];
   }
   return y;
 }
@@ -894,6 +866,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
   m.def("decode_attention", &decode_attention, "one-query attention streaming K/V once");
   m.def("ssm_step", &ssm_step, "Mamba decode step: state update and readout in one pass");
+  m.def("add_layer_norm", &add_layer_norm, "residual add and layer norm in one pass");
+  m.def("silu_mul", &silu_mul, "silu(a) * b");
+  m.def("conv_step", &conv_step, "Mamba conv window step, then silu");
+  m.def("diff_combine", &diff_combine, "differential attention: a1 - lam a2, rms norm, scale");
+  m.def("kv_write", &kv_write, "write one position per row into a K/V cache");
+  m.def("mlp_step", &mlp_step, "decode block: residual add, norm and SwiGLU MLP");
+  m.def("gmu_step", &gmu_step, "decode block: gated memory unit");
+  m.def("mamba_step", &mamba_step, "decode block: Mamba mixer for one token per row");
+  m.def("attention_step", &attention_step, "decode block: attention for one token per row");
   m.def("fast_paths", []() {
     std::vector<std::string> p;
 #ifdef SAMBAY_VNNI

@@ -1,0 +1,301 @@
+// The element-wise glue between a decode step's matrix products, fused.
+//
+// At batch 1 a decode step is a few hundred GEMVs that stream the weights and, between them,
+// small vector operations: norms, activations, the residual stream, the Mamba conv window, the
+// K/V cache write. As separate PyTorch ops those cost far more than the arithmetic (an op call,
+// an allocation and often a dtype conversion each, with caches that the weight stream has just
+// evicted). Each function here does one such group in one pass; sambay/ops.py holds its PyTorch
+// twin and the tests hold them equal. Activations are float32 throughout; states (conv window,
+// K/V cache) may be bfloat16. Rows are the leading dimension and may be strided (views of a wider
+// matrix product output); the last dimension is contiguous.
+
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace {
+
+void check_rows(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && (t.size(1) <= 1 || t.stride(1) == 1),
+              fn, ": ", name, " must be a float32 (rows, n) tensor with contiguous rows");
+}
+
+// out[i] = silu(a[i]) * b[i] = a / (1 + exp(-a)) * b
+inline void silu_mul_row(const float* a, const float* b, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a + i);
+    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = a[i] / (1.f + std::exp(-a[i])) * b[i];
+}
+
+// x[i] = silu(x[i]), in place.
+inline void silu_row(float* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v)))));
+  }
+#endif
+  for (; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+}
+
+template <typename S, int KC = 0>  // KC: the kernel width when known at compile time (4 in Mamba)
+void conv_step_impl(const float* x, int64_t ldx, S* state, const float* w, const float* bias, float* out,
+                    int64_t B, int64_t E, int64_t Kr) {
+  const int64_t K = KC ? KC : Kr;
+  // state (B, K-1, E): the last K-1 inputs, oldest first; w (E, K): tap j multiplies input t-(K-1)+j.
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      S* s = state + b * (K - 1) * E;
+      const float* xb = x + b * ldx;
+      float* ob = out + b * E;
+      for (int64_t c = 0; c < E; ++c) {
+        const float* wc = w + c * K;
+        float acc = 0.f;
+        for (int64_t j = 0; j < K - 1; ++j) acc += static_cast<float>(s[j * E + c]) * wc[j];
+        acc += xb[c] * wc[K - 1];
+        ob[c] = bias ? acc + bias[c] : acc;
+      }
+      silu_row(ob, E);
+      for (int64_t j = 0; j + 1 < K - 1; ++j)
+        for (int64_t c = 0; c < E; ++c) s[j * E + c] = s[(j + 1) * E + c];
+      for (int64_t c = 0; c < E; ++c) s[(K - 2) * E + c] = static_cast<S>(xb[c]);
+    }
+  });
+}
+
+template <typename S>
+void kv_write_impl(const float* kv, int64_t ldkv, S* kc, S* vc, const int64_t* slot, bool diff, int64_t B,
+                   int64_t Hkv, int64_t hd, int64_t Hv, int64_t dv, const int64_t* ks, const int64_t* vs) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* src = kv + b * ldkv;
+    for (int64_t i = 0; i < Hkv; ++i) {  // differential: cache heads are [even..., odd...]
+      const int64_t from = !diff ? i : (i < Hkv / 2 ? 2 * i : 2 * (i - Hkv / 2) + 1);
+      S* dst = kc + b * ks[0] + i * ks[1] + slot[b] * ks[2];
+      for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<S>(src[from * hd + d]);
+    }
+    const float* v = src + Hkv * hd;  // values: Hkv * hd numbers, cut into Hv heads of dv
+    for (int64_t j = 0; j < Hv; ++j) {
+      S* dst = vc + b * vs[0] + j * vs[1] + slot[b] * vs[2];
+      for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<S>(v[j * dv + d]);
+    }
+  }
+}
+
+}  // namespace
+
+// h (R, d) float32 [+ delta (R, d)]: returns {h + delta, layer_norm(h + delta) * w + b}. Without
+// delta (empty tensor) the first is h itself. w, b (d,) float32; b may be empty.
+std::vector<at::Tensor> add_layer_norm(at::Tensor h, at::Tensor delta, at::Tensor w, at::Tensor b, double eps) {
+  check_rows(h, "add_layer_norm", "h");
+  const int64_t R = h.size(0), d = h.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == d && (!b.numel() || b.numel() == d),
+              "add_layer_norm: weight and bias must be float32 of the hidden size");
+  at::Tensor sum = h;
+  if (delta.numel()) {
+    check_rows(delta, "add_layer_norm", "delta");
+    TORCH_CHECK(delta.sizes() == h.sizes(), "add_layer_norm: h and delta shapes differ");
+    sum = at::empty({R, d}, h.options());
+  }
+  w = w.contiguous();
+  b = b.contiguous();
+  auto out = at::empty({R, d}, h.options());
+  const float *wp = w.data_ptr<float>(), *bp = b.numel() ? b.data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* hr = h.data_ptr<float>() + r * h.stride(0);
+    float* sr = sum.data_ptr<float>() + r * sum.stride(0);
+    if (delta.numel()) {
+      const float* dr = delta.data_ptr<float>() + r * delta.stride(0);
+      for (int64_t i = 0; i < d; ++i) sr[i] = hr[i] + dr[i];
+    }
+    float mean = 0.f;
+    for (int64_t i = 0; i < d; ++i) mean += sr[i];
+    mean /= d;
+    float var = 0.f;
+    for (int64_t i = 0; i < d; ++i) var += (sr[i] - mean) * (sr[i] - mean);
+    const float rstd = 1.f / std::sqrt(var / d + static_cast<float>(eps));
+    float* o = out.data_ptr<float>() + r * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = (sr[i] - mean) * rstd * wp[i] + (bp ? bp[i] : 0.f);
+  }
+  return {sum, out};
+}
+
+// silu(a) * b for a, b (R, n) -> (R, n): the SwiGLU MLP, the GMU gate, Mamba's output gate.
+at::Tensor silu_mul(at::Tensor a, at::Tensor b) {
+  check_rows(a, "silu_mul", "a");
+  check_rows(b, "silu_mul", "b");
+  TORCH_CHECK(a.sizes() == b.sizes(), "silu_mul: shapes differ");
+  const int64_t R = a.size(0), n = a.size(1);
+  auto out = at::empty({R, n}, a.options());
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      silu_mul_row(a.data_ptr<float>() + r * a.stride(0), b.data_ptr<float>() + r * b.stride(0),
+                   out.data_ptr<float>() + r * n, n);
+  });
+  return out;
+}
+
+// Mamba's causal depthwise conv for one new input per row, then silu: x (B, E) float32; state
+// (B, K-1, E) float32 or bfloat16, the previous inputs, shifted in place to take x; w (E, K);
+// b (E,) or empty. Returns (B, E) float32.
+at::Tensor conv_step(at::Tensor x, at::Tensor state, at::Tensor w, at::Tensor b) {
+  check_rows(x, "conv_step", "x");
+  const int64_t B = x.size(0), E = x.size(1);
+  TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.size(0) == B && state.size(2) == E,
+              "conv_step: state must be a contiguous (B, K-1, E) tensor");
+  const int64_t K = state.size(1) + 1;
+  TORCH_CHECK(K >= 2 && w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == E && w.size(1) == K,
+              "conv_step: weight must be float32 (E, K)");
+  TORCH_CHECK(!b.numel() || (b.scalar_type() == at::kFloat && b.numel() == E), "conv_step: bias");
+  w = w.contiguous();
+  b = b.contiguous();
+  auto out = at::empty({B, E}, x.options());
+  const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
+  TORCH_CHECK(state.scalar_type() == at::kBFloat16 || state.scalar_type() == at::kFloat,
+              "conv_step: state must be float32 or bfloat16");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, state.scalar_type(), "conv_step", [&] {
+    if (K == 4)
+      conv_step_impl<scalar_t, 4>(x.data_ptr<float>(), x.stride(0), state.data_ptr<scalar_t>(), w.data_ptr<float>(),
+                                  bp, out.data_ptr<float>(), B, E, K);
+    else
+      conv_step_impl<scalar_t>(x.data_ptr<float>(), x.stride(0), state.data_ptr<scalar_t>(), w.data_ptr<float>(),
+                               bp, out.data_ptr<float>(), B, E, K);
+  });
+  return out;
+}
+
+// Differential attention's combination of its two groups: o (B, 2, Hk, g, dv) float32, the
+// attention outputs of q1 and q2 -> rms_norm(o[:, 0] - lam * o[:, 1]) * w * scale, (B, Hk * g * dv).
+at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, double scale) {
+  TORCH_CHECK(o.dim() == 5 && o.size(1) == 2 && o.scalar_type() == at::kFloat, "diff_combine: o (B, 2, Hk, g, dv)");
+  o = o.contiguous();
+  const int64_t B = o.size(0), heads = o.size(2) * o.size(3), dv = o.size(4);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == dv, "diff_combine: weight must be float32 (dv,)");
+  w = w.contiguous();
+  auto out = at::empty({B, heads * dv}, o.options());
+  const float *op = o.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const float l = static_cast<float>(lam), s = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* a1 = op + (b * 2 * heads + h) * dv;
+      const float* a2 = a1 + heads * dv;
+      float* dst = outp + (b * heads + h) * dv;
+      float ms = 0.f;
+      for (int64_t i = 0; i < dv; ++i) {
+        dst[i] = a1[i] - l * a2[i];
+        ms += dst[i] * dst[i];
+      }
+      const float r = 1.f / std::sqrt(ms / dv + static_cast<float>(eps));
+      for (int64_t i = 0; i < dv; ++i) dst[i] = dst[i] * r * wp[i] * s;
+    }
+  return out;
+}
+
+// Write one new position per row into the K/V cache, converting to the cache's dtype.
+// kv (B, 2 * Hkv * hd) float32: the keys then the values of the QKV projection; kc (B, Hkv, S, hd)
+// and vc (B, Hv, S, dv) with Hv * dv = Hkv * hd (any strides, contiguous rows); slot (B,) int64.
+// diff: key heads are stored [even..., odd...], as Attention.to_cache_layout does.
+void kv_write(at::Tensor kv, at::Tensor kc, at::Tensor vc, at::Tensor slot, bool diff) {
+  check_rows(kv, "kv_write", "kv");
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == vc.scalar_type() &&
+              kc.stride(3) == 1 && vc.stride(3) == 1, "kv_write: caches must be (B, H, S, d) with contiguous rows");
+  const int64_t B = kv.size(0), Hkv = kc.size(1), hd = kc.size(3), Hv = vc.size(1), dv = vc.size(3);
+  TORCH_CHECK(kc.size(0) == B && vc.size(0) == B && Hv * dv == Hkv * hd && kv.size(1) == 2 * Hkv * hd,
+              "kv_write: shapes");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == B, "kv_write: slot must be int64 (B,)");
+  slot = slot.contiguous();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < kc.size(2) && sp[b] < vc.size(2), "kv_write: slot out of range");
+  const int64_t ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)}, vs[3] = {vc.stride(0), vc.stride(1), vc.stride(2)};
+  if (kc.scalar_type() == at::kBFloat16)
+    kv_write_impl(kv.data_ptr<float>(), kv.stride(0), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(),
+                  sp, diff, B, Hkv, hd, Hv, dv, ks, vs);
+  else if (kc.scalar_type() == at::kFloat)
+    kv_write_impl(kv.data_ptr<float>(), kv.stride(0), kc.data_ptr<float>(), vc.data_ptr<float>(), sp, diff, B,
+                  Hkv, hd, Hv, dv, ks, vs);
+  else
+    TORCH_CHECK(false, "kv_write: cache must be float32 or bfloat16");
+}
+
+// ---- decode blocks ---------------------------------------------------------------------------------
+// One call per MLP or mixer for one token per row, in exactly the order of the model's modules
+// (which are their reference: the tests run a decode step both ways), so that a decode step makes
+// a few native calls per layer instead of dozens of small PyTorch ones.
+
+namespace {
+
+at::Tensor linear(const Linear& l, const at::Tensor& x) {
+  TORCH_CHECK(l.size() == 3, "a linear layer is {weight, scale, bias}");
+  return gemv(x, l[0], l[1], 0, l[2]);
+}
+
+}  // namespace
+
+// h + delta -> layer norm -> fc1 -> silu(gate) * up -> fc2, added to h + delta. h, delta (B, d).
+at::Tensor mlp_step(at::Tensor h, at::Tensor delta, at::Tensor ln_w, at::Tensor ln_b, double eps, Linear fc1,
+                    Linear fc2) {
+  auto hx = add_layer_norm(h, delta, ln_w, ln_b, eps);
+  const auto gu = linear(fc1, hx[1]);
+  const int64_t n = gu.size(1) / 2;
+  const auto y = linear(fc2, silu_mul(gu.narrow(1, 0, n), gu.narrow(1, n, n)));
+  return delta.numel() ? hx[0].add_(y) : hx[0] + y;  // without delta hx[0] is the caller's h
+}
+
+// The gated memory unit: out_proj(silu(in_proj(x)) * memory). x (B, d), memory (B, e).
+at::Tensor gmu_step(at::Tensor x, at::Tensor memory, Linear in_proj, Linear out_proj) {
+  return linear(out_proj, silu_mul(linear(in_proj, x), memory));
+}
+
+// Mamba for one token per row: x (B, d) -> {out (B, d), y (B, e)}, conv and SSM states updated in
+// place. A = -exp(A_log) (e, n); D (e,). dt_proj's rank is its input width.
+std::vector<at::Tensor> mamba_step(at::Tensor x, Linear in_proj, at::Tensor conv_state, at::Tensor conv_w,
+                                   at::Tensor conv_b, Linear x_proj, Linear dt_proj, at::Tensor A, at::Tensor D,
+                                   at::Tensor ssm_state, Linear out_proj) {
+  const auto xz = linear(in_proj, x);
+  const int64_t e = xz.size(1) / 2, r = dt_proj[0].size(1), n = A.size(1);
+  const auto xc = conv_step(xz.narrow(1, 0, e), conv_state, conv_w, conv_b);
+  const auto dbc = linear(x_proj, xc);
+  const auto dt = at::softplus(linear(dt_proj, dbc.narrow(1, 0, r)), 1, 20);
+  auto y = ssm_step(xc, dt, A, dbc.narrow(1, r, n), dbc.narrow(1, r + n, n), D, ssm_state);
+  return {linear(out_proj, silu_mul(xz.narrow(1, e, e), y)), y};
+}
+
+// Attention for one token per row: x (B, d) -> out_proj(attention(q, K, V)), (B, d).
+// qkv_proj gives the H query heads of width hd (then, for self-attention, the new keys and values,
+// written into kc / vc at slot (B,) before attending; cross-attention passes empty kc, vc, slot).
+// k (B, G, Hk, S, dk) are the key views each query group attends with, v (B, Hk, S, dv), valid
+// (B, S). Differential attention (G = 2, subln_w given): query head 2i + G' belongs to group G'
+// (as Attention._attend splits them) and the groups are combined by diff_combine; plain (G = 1):
+// the heads' outputs side by side.
+at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor kc, at::Tensor vc, at::Tensor slot,
+                          at::Tensor k, at::Tensor v, at::Tensor valid, double lam, at::Tensor subln_w, double eps,
+                          double scale, Linear out_proj) {
+  const bool diff = subln_w.numel() > 0;
+  TORCH_CHECK(k.dim() == 5 && k.size(1) == (diff ? 2 : 1), "attention_step: keys must be (B, G, Hk, S, dk)");
+  const int64_t B = x.size(0), G = k.size(1), Hk = k.size(2), dk = k.size(4);
+  TORCH_CHECK(H % (G * Hk) == 0, "attention_step: query heads must divide among the key heads");
+  const int64_t g = H / (G * Hk);
+  const auto qkv = linear(qkv_proj, x);
+  if (slot.numel()) kv_write(qkv.narrow(1, H * dk, qkv.size(1) - H * dk), kc, vc, slot, diff);
+  auto q = qkv.narrow(1, 0, H * dk);
+  q = diff ? q.view({B, H / 2, 2, dk}).permute({0, 2, 1, 3}).reshape({B, 2, Hk, g, dk})
+           : q.view({B, 1, Hk, g, dk});
+  const auto o = decode_attention(q, k, v, valid);  // (B, G, Hk, g, dv)
+  return linear(out_proj, diff ? diff_combine(o, lam, subln_w, eps, scale) : o.reshape({B, -1}));
+}
