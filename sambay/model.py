@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, ops
+from .quant import GEMV_MAX_ROWS, PackedLinear
 from .config import (CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA, Phi3Config,
                      SambaYConfig)
 from .errors import SambayError
@@ -123,13 +124,16 @@ class DecodeState:
 def _native_block(rows: int, *linears):
     """(native module, each linear as the blocks take it) when these layers can run as one native
     decode block: packed weights (quant.PackedLinear) at GEMV sizes and no autograd; else None."""
-    from .quant import GEMV_MAX_ROWS, PackedLinear
-
     mod = kernels.blocks() if rows <= GEMV_MAX_ROWS else None
-    if mod is None or not all(isinstance(lin, PackedLinear) for lin in linears):
+    if mod is None:
         return None
-    args = [lin.native() for lin in linears]
-    return None if any(a is None for a in args) else (mod, args)
+    args = []
+    for lin in linears:
+        a = lin.native() if type(lin) is PackedLinear else None
+        if a is None:
+            return None
+        args.append(a)
+    return mod, args
 
 
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
@@ -512,10 +516,14 @@ class DecoderLayer(nn.Module):
             return h, carry
         # Float32 norms (a float32 or packed model, at inference): residual adds and norms fused.
         B, T, d = h.shape
-        h, x = ops.add_layer_norm(h.reshape(B * T, d), None, ln1.weight, ln1.bias, ln1.eps)
+        blk = _native_block(B * T, self.mlp.fc1, self.mlp.fc2)
+        if blk is not None:  # a decode step: straight to the native module
+            h = h.reshape(B * T, d)
+            x = blk[0].add_layer_norm(h, kernels._EMPTY, ln1.weight, _or_empty(ln1.bias), ln1.eps)[1]
+        else:
+            h, x = ops.add_layer_norm(h.reshape(B * T, d), None, ln1.weight, ln1.bias, ln1.eps)
         mixed, carry = self.attn(x.view(B, T, d), at, self.index, carry)
-        blk = _native_block(B * T, self.mlp.fc1, self.mlp.fc2) if mixed.dtype == torch.float32 else None
-        if blk is not None:
+        if blk is not None and mixed.dtype == torch.float32:
             mod, (fc1, fc2) = blk
             h = mod.mlp_step(h, mixed.reshape(B * T, d), ln2.weight, _or_empty(ln2.bias), ln2.eps, fc1, fc2)
             return h.view(B, T, d), carry

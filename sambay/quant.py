@@ -62,10 +62,11 @@ class PackedLinear(nn.Module):
     def native(self) -> list[torch.Tensor] | None:
         """[weight, scale, bias] as the native decode blocks take a linear layer (empty tensors for
         none), or None if its bias is not float32."""
-        b, s = self.bias, self.weight_scale
+        buf = self._buffers  # directly: this runs for every layer at every decode step
+        b, s = buf["bias"], buf["weight_scale"]
         if b is not None and b.dtype != torch.float32:
             return None
-        return [self.weight, kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
+        return [buf["weight"], kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_scale is None:
