@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "gemv.cpp", _CSRC / "glue.cpp"]  # and their headers, simd.h and glue.h
+_SOURCES = [_CSRC / "gemv.cpp", _CSRC / "glue.cpp"]  # and their headers, simd.h and kernels.h
 _lock = threading.Lock()
 _module = None
 _error: str | None = None

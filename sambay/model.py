@@ -397,9 +397,8 @@ class Attention(nn.Module):
             k_all = views[id(k)][1] if id(k) in views and views[id(k)][0] is k else None
             if k_all is None:
                 half = self.Hkv // 2
-                k_all = ops._stack_views([k[:, :half], k[:, half:]]) if self.diff else k.unsqueeze(1)
-                if k_all is None or k_all.stride(-1) != 1 or v.stride(-1) != 1:
-                    k_all = False
+                k_all = ops.grouped_keys([k[:, :half], k[:, half:]] if self.diff else [k], v)
+                k_all = False if k_all is None else k_all  # False: not laid out for the kernel
                 if not self.cross and k is kc:
                     views[id(k)] = (k, k_all)
             hit = at.memo[key] = (k, k_all, self._decode_mask(at, k_pos, k_valid).reshape(B, -1))

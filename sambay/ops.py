@@ -218,14 +218,21 @@ def decode_attention_stacked(qs, ks, v, mask):
     B, Hq, _, dk = qs[0].shape
     Hk, S = ks[0].shape[1], ks[0].shape[2]
     g = Hq // Hk
-    k_all = ks[0].unsqueeze(1) if len(ks) == 1 else _stack_views(ks)
+    k_all = grouped_keys(ks, v)
     out = None
-    if k_all is not None and k_all.stride(-1) == 1 and v.stride(-1) == 1:
+    if k_all is not None:
         q_all = torch.stack([q.reshape(B, Hk, g, dk) for q in qs], dim=1)
         out = kernels.decode_attention(q_all, k_all, v, mask.reshape(B, S))
     if out is None:
         return torch.stack([_decode_attention(q, k, v, mask)[:, :, 0] for q, k in zip(qs, ks)], dim=1)
     return out.reshape(B, len(qs), Hq, v.shape[-1]).to(qs[0].dtype)
+
+
+def grouped_keys(ks, v):
+    """The key tensors of the query groups as one (B, G, Hk, S, dk) view, as the native decode
+    attention takes them, or None when they (or v) are not laid out for it."""
+    k_all = ks[0].unsqueeze(1) if len(ks) == 1 else _stack_views(ks)
+    return k_all if k_all is not None and k_all.stride(-1) == 1 and v.stride(-1) == 1 else None
 
 
 def _stack_views(ks):

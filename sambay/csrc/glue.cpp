@@ -26,31 +26,31 @@ void check_rows(const at::Tensor& t, const char* fn, const char* name) {
               fn, ": ", name, " must be a float32 (rows, n) tensor with contiguous rows");
 }
 
-// out[i] = silu(a[i]) * b[i] = a / (1 + exp(-a)) * b
+// silu(x) = x / (1 + exp(-x)), 8 lanes and one.
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 silu8(__m256 x) {
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+#endif
+inline float silu1(float x) { return x / (1.f + std::exp(-x)); }
+
+// out[i] = silu(a[i]) * b[i]
 inline void silu_mul_row(const float* a, const float* b, float* out, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(a + i);
-    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
-  }
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(a + i)), _mm256_loadu_ps(b + i)));
 #endif
-  for (; i < n; ++i) out[i] = a[i] / (1.f + std::exp(-a[i])) * b[i];
+  for (; i < n; ++i) out[i] = silu1(a[i]) * b[i];
 }
 
 // x[i] = silu(x[i]), in place.
 inline void silu_row(float* x, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v)))));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, silu8(_mm256_loadu_ps(x + i)));
 #endif
-  for (; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+  for (; i < n; ++i) x[i] = silu1(x[i]);
 }
 
 template <typename S, int KC = 0>  // KC: the kernel width when known at compile time (4 in Mamba)
