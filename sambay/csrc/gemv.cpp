@@ -365,7 +365,6 @@ inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, fl
   // U blocks of 16 per iteration, 2U independent accumulators per activation row: one FMA chain
   // would be latency-bound below memory bandwidth.
   constexpr int U = M_ <= 2 ? 2 : 1;
-  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[M_][2 * U];
   for (int m = 0; m < M_; ++m)
     for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm256_setzero_ps();
@@ -373,9 +372,8 @@ inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, fl
   for (int64_t k = 0; k < KU; k += 16 * U) {
     _mm_prefetch(reinterpret_cast<const char*>(w + k) + PF, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * u));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
-      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, hi_mask));
+      __m256 even, odd;
+      load16(w + k + 16 * u, even, odd);
       for (int m = 0; m < M_; ++m) {
         acc[m][2 * u] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + m * K + k + 16 * u), acc[m][2 * u]);
         acc[m][2 * u + 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + m * K + k + 16 * u + 8), acc[m][2 * u + 1]);
@@ -393,14 +391,11 @@ inline void bf16_row_avx2(const c10::BFloat16* w, int64_t K, const float* xp, fl
 
 void gemv_bf16_avx2(const float* x, const c10::BFloat16* w, const float* scale, float* y, int64_t M,
                     int64_t N, int64_t K) {
-  std::vector<float> xp(M * K);  // per 16-block: the 8 even-indexed values, then the 8 odd ones
+  std::vector<float> xp(M * K);  // in the weights' split order (load16): per 16, even then odd
   const int64_t K16 = K / 16 * 16;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K16; k += 16)
-      for (int i = 0; i < 8; ++i) {
-        xp[m * K + k + i] = x[m * K + k + 2 * i];
-        xp[m * K + k + 8 + i] = x[m * K + k + 2 * i + 1];
-      }
+      for (int64_t i = 0; i < 16; ++i) xp[m * K + k + i] = x[m * K + k + split_dim<c10::BFloat16>(i)];
     for (int64_t k = K16; k < K; ++k) xp[m * K + k] = x[m * K + k];
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -536,10 +531,6 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
 // attends with keys k[:, i] (B, G, Hk, S, dk); all groups share the values v (B, Hk, S, dv).
 // valid (B, S) bool. Returns (B, G, Hk, g, dv) float32 softmax(q.k / sqrt(dk)) @ v per group.
 // Each (row, kv head) streams its keys and values exactly once, whatever G and g are.
-// Which of 16 consecutive values sits at place i of the split order (see load16).
-template <typename T>
-inline int64_t split_dim(int64_t i) { return std::is_same<T, float>::value ? i : (i < 8 ? 2 * i : 2 * (i - 8) + 1); }
-
 #if defined(__AVX2__) && defined(__FMA__)
 // out[t * stride] = dot(qs[t], key row) * scale for NQ queries: the key row is converted once.
 template <typename T, int NQ>
@@ -551,19 +542,6 @@ inline void key_dots(const float* qs, int64_t dk, const T* kr, float scale, floa
     for (int t = 0; t < NQ; ++t) a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + t * dk + d), kv, a[t]);
   }
   for (int t = 0; t < NQ; ++t) out[t * stride] = hsum8(a[t]) * scale;
-}
-
-// 16 consecutive values as two float32 vectors in "split order": float32 rows as they are (the
-// first 8, the next 8); bfloat16 rows as the even- and the odd-indexed 8, which one 256-bit load
-// holds in the low and the high halves of its 32-bit lanes, so a shift and a mask convert them.
-inline void load16(const float* p, __m256& lo, __m256& hi) {
-  lo = _mm256_loadu_ps(p);
-  hi = _mm256_loadu_ps(p + 8);
-}
-inline void load16(const c10::BFloat16* p, __m256& lo, __m256& hi) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-  hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 // The same for 4 consecutive keys at once (NQ <= 2, dk % 16 == 0), queries qs in split order:

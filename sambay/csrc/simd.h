@@ -3,6 +3,9 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -45,6 +48,23 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+// 16 consecutive values as two float32 vectors in "split order": float32 rows as they are (the
+// first 8, the next 8); bfloat16 rows as the even- and the odd-indexed 8, which one 256-bit load
+// holds in the low and the high halves of its 32-bit lanes, so a shift and a mask convert them.
+inline void load16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 #endif
+
+// Which of 16 consecutive values sits at place i of the split order (see load16).
+template <typename T>
+inline int64_t split_dim(int64_t i) { return std::is_same<T, float>::value ? i : (i < 8 ? 2 * i : 2 * (i - 8) + 1); }
 
 }  // namespace
