@@ -159,3 +159,8 @@ BLOCKS = True
 
 def blocks():
     return glue() if BLOCKS else None
+
+
+# With the blocks: a decode step's whole layer stack in one native call (decode_layers), so no
+# Python runs between layers. False calls the blocks layer by layer from Python: its reference.
+STEP = True

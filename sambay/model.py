@@ -78,6 +78,9 @@ class DecodeState:
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.views: dict = {}  # views of these tensors the decode blocks reuse from step to step
+        # Whole-step plans (SambaY.step_plan), shared with the row views and keyed by which rows.
+        self.plans: dict = {}
+        self.rows_key: tuple = ()
 
     def rows(self, index: int | slice) -> DecodeState:
         """A view of some rows: writing through it writes into this state (no copies)."""
@@ -88,6 +91,7 @@ class DecodeState:
             setattr(view, name, [None if t is None else t[index] for t in getattr(self, name)])
         view.valid, view.lengths = self.valid[index], self.lengths[index]
         view.views = {}
+        view.rows_key = self.rows_key + ((index.start, index.stop, index.step),)
         view.batch_size = view.lengths.shape[0]
         return view
 
@@ -173,15 +177,12 @@ class Mamba(nn.Module):
 
     def forward(self, h, at: Positions, layer: int, memory=None):
         B, T, d = h.shape
+        blk = self.block(at, layer, B) if T == 1 and h.dtype == torch.float32 else None
+        if blk is not None:
+            mod, args = blk
+            out, y = mod.mamba_step(h.reshape(B, d), *args)
+            return out.view(B, 1, d), (y.unsqueeze(1) if self.emits_memory else memory)
         conv_state = at.state.conv[layer] if at.state is not None else None
-        if T == 1 and conv_state is not None and not at.padded and h.dtype == self.D.dtype == torch.float32:
-            blk = _native_block(B, self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
-            if blk is not None and conv_state.is_contiguous() and self.conv1d.weight.dtype == torch.float32:
-                (mod, (inp, xp, dtp, outp)) = blk
-                out, y = mod.mamba_step(h.reshape(B, d), inp, conv_state, self.conv1d.weight[:, 0, :],
-                                        _or_empty(self.conv1d.bias), xp, dtp, self._A(), self.D,
-                                        at.state.ssm[layer], outp)
-                return out.view(B, 1, d), (y.unsqueeze(1) if self.emits_memory else memory)
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, e) each
         if conv_state is not None and x.shape[1] == 1 and not at.padded:  # decode: one conv step
             w = self.conv1d.weight[:, 0, :]
@@ -208,6 +209,19 @@ class Mamba(nn.Module):
                 state.copy_(final)
         out = self.out_proj(ops.silu_mul(z.float(), y).to(h.dtype))
         return out, (y if self.emits_memory else memory)
+
+    def block(self, at: Positions, layer: int, rows: int):
+        """(native module, mamba_step's arguments after x) when a decode step of `rows` rows (one
+        token each, float32 input) can run as one native call; else None."""
+        state = at.state
+        if state is None or at.padded or self.D.dtype != torch.float32 or self.conv1d.weight.dtype != torch.float32:
+            return None
+        blk = _native_block(rows, self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        if blk is None or not state.conv[layer].is_contiguous():
+            return None
+        mod, (inp, xp, dtp, outp) = blk
+        return mod, (inp, state.conv[layer], self.conv1d.weight[:, 0, :], _or_empty(self.conv1d.bias), xp, dtp,
+                     self._A(), self.D, state.ssm[layer], outp)
 
     def _A(self) -> torch.Tensor:
         """A = -exp(A_log), the same matrix at every decode step."""
@@ -237,13 +251,16 @@ class GatedMemoryUnit(nn.Module):
 
     def forward(self, h, at: Positions, layer: int, memory):
         B, T, d = h.shape
-        if h.dtype == memory.dtype == torch.float32:
-            blk = _native_block(B * T, self.in_proj, self.out_proj)
-            if blk is not None:
-                mod, (inp, outp) = blk
-                out = mod.gmu_step(h.reshape(B * T, d), memory.reshape(B * T, -1), inp, outp)
-                return out.view(B, T, d), memory
+        blk = self.block(B * T) if h.dtype == memory.dtype == torch.float32 else None
+        if blk is not None:
+            mod, args = blk
+            out = mod.gmu_step(h.reshape(B * T, d), memory.reshape(B * T, -1), *args)
+            return out.view(B, T, d), memory
         return self.out_proj(ops.silu_mul(self.in_proj(h), memory.to(h.dtype))), memory
+
+    def block(self, rows: int):
+        """(native module, gmu_step's arguments after x and the memory) for `rows` float32 rows, or None."""
+        return _native_block(rows, self.in_proj, self.out_proj)
 
 
 class DiffLambda(nn.Module):
@@ -375,11 +392,33 @@ class Attention(nn.Module):
         attention and (differential) the combination. None where it does not apply; nothing has
         been written then. The rest of this class is its reference."""
         B, _, d = h.shape
-        blk = _native_block(B, self.Wqkv, self.out_proj)
+        blk = self.block(at, layer, shared_kv, B)
+        if blk is None:
+            return None
+        mod, args, shared = blk
+        return mod.attention_step(h.reshape(B, d), *args).view(B, 1, d), shared
+
+    def block(self, at: Positions, layer: int, shared_kv, rows: int):
+        """(native module, attention_step's arguments after x, the K/V the next layers share) for a
+        decode step of `rows` rows, or None when it cannot run as one native call."""
+        blk = _native_block(rows, self.Wqkv, self.out_proj)
         p = self.inner_cross_attn if self.diff else None
         if blk is None or (p is not None and p.subln.weight.dtype != torch.float32):
             return None
         mod, (qkv, outp) = blk
+        kc, vc, slot, k_all, v, mask, shared = self.block_keys(at, layer, shared_kv)
+        if k_all is False:  # not laid out for the native kernel
+            return None
+        if p is not None:
+            extra = (float(p.lam(self.lambda_init)), p.subln.weight, p.subln.eps, 1 - self.lambda_init)
+        else:
+            extra = (0.0, kernels._EMPTY, 0.0, 1.0)
+        return mod, (qkv, self.H, kc, vc, slot, k_all, v, mask, *extra, outp), shared
+
+    def block_keys(self, at: Positions, layer: int, shared_kv):
+        """This step's keys as the native block reads them: the cache and the slot to write (empty
+        for cross-attention), the grouped key view (False: not laid out for the kernel), the values,
+        the mask (B, S), and the (k, v, k_pos, k_valid) the next layers share."""
         if self.cross:
             k, v, k_pos, k_valid = shared_kv
             kc = vc = slot = kernels._EMPTY
@@ -393,7 +432,7 @@ class Attention(nn.Module):
         key = ("block keys", id(k), self.diff, self.window)  # the same for every layer reading k
         hit = at.memo.get(key)
         if hit is None or hit[0] is not k:
-            views = at.state.views  # a ring buffer is the same tensor at every step
+            views = at.state.views if at.state is not None else {}  # a ring buffer: the same at every step
             k_all = views[id(k)][1] if id(k) in views and views[id(k)][0] is k else None
             if k_all is None:
                 half = self.Hkv // 2
@@ -401,16 +440,9 @@ class Attention(nn.Module):
                 k_all = False if k_all is None else k_all  # False: not laid out for the kernel
                 if not self.cross and k is kc:
                     views[id(k)] = (k, k_all)
-            hit = at.memo[key] = (k, k_all, self._decode_mask(at, k_pos, k_valid).reshape(B, -1))
+            hit = at.memo[key] = (k, k_all, self._decode_mask(at, k_pos, k_valid).reshape(at.pos.shape[0], -1))
         _, k_all, mask = hit
-        if k_all is False:  # not laid out for the native kernel
-            return None
-        if p is not None:
-            args = (float(p.lam(self.lambda_init)), p.subln.weight, p.subln.eps, 1 - self.lambda_init)
-        else:
-            args = (0.0, kernels._EMPTY, 0.0, 1.0)
-        out = mod.attention_step(h.reshape(B, d), qkv, self.H, kc, vc, slot, k_all, v, mask, *args, outp)
-        return out.view(B, 1, d), ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
+        return kc, vc, slot, k_all, v, mask, ((k, v, k_pos, k_valid) if not self.cross else shared_kv)
 
     def _store(self, kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
         if v is None:  # one token per row, as projected
@@ -658,6 +690,10 @@ class SambaY(CausalLM):
 
     def _body(self, h, at: Positions, keep: int, hidden: list | None) -> torch.Tensor:
         T = h.shape[1]
+        if T == 1 and hidden is None and at.state is not None and kernels.STEP:
+            done = self._native_step(h, at)
+            if done is not None:
+                return self.model.final_layernorm(done.to(self.model.final_layernorm.weight.dtype))
         memory = kv = None
         for layer in self.model.layers:
             if layer.index == self.config.kv_layer + 1 and keep < T:  # cross-decoder: wanted positions only
@@ -669,6 +705,90 @@ class SambaY(CausalLM):
             if hidden is not None:
                 hidden.append(h)
         return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
+
+
+    def _native_step(self, h, at: Positions) -> torch.Tensor | None:
+        """A decode step's layers as one native call (kernels.STEP), or None where some layer has no
+        native block (the layers then run one by one). The plan, every layer's block arguments, is
+        built on the first step of a state's rows and kept on the state; each step recomputes only
+        the key sets (slots, masks, the growing K/V view)."""
+        B, _, d = h.shape
+        if at.padded or h.dtype != torch.float32 or kernels.blocks() is None:
+            return None
+        state = at.state
+        key = (id(self), state.rows_key)
+        plan = state.plans.get(key)
+        if plan is None:
+            plan = state.plans[key] = StepPlan.build(self, at, B) or False
+        if plan is False:
+            return None
+        keys = plan.keys(at)
+        if keys is None:
+            return None
+        mod = kernels.blocks()
+        return mod.decode_layers(h.reshape(B, d), plan.kinds, plan.tensors, plan.scalars, keys).view(B, 1, d)
+
+
+class StepPlan:
+    """The arguments of `decode_layers` that stay the same from step to step: per layer its kind,
+    tensors (norms, packed weights, state tensors) and numbers, in the order DecoderLayer's fast path
+    passes them to the blocks. Attention layers read a key set: slot, mask and, for K/V views that
+    move (the growing full-attention cache, which cross-attention shares), the view itself; one
+    layer of each set (`reps`) recomputes it every step."""
+
+    KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 4}
+
+    def __init__(self):
+        self.kinds: list[int] = []
+        self.tensors: list[list[torch.Tensor]] = []
+        self.scalars: list[list[float]] = []
+        self.reps: list[tuple[Attention, int]] = []
+
+    @classmethod
+    def build(cls, model: SambaY, at: Positions, rows: int) -> StepPlan | None:
+        plan, sets, shared = cls(), {}, None
+        for layer in model.model.layers:
+            ln1, ln2, m, i = layer.input_layernorm, layer.post_attention_layernorm, layer.attn, layer.index
+            mlp = _native_block(rows, layer.mlp.fc1, layer.mlp.fc2)
+            if mlp is None or layer.training or ln1.weight.dtype != torch.float32 or layer.kind not in cls.KINDS:
+                return None
+            t = [ln1.weight, _or_empty(ln1.bias), ln2.weight, _or_empty(ln2.bias), *mlp[1][0], *mlp[1][1]]
+            sc = [ln1.eps, ln2.eps]
+            if layer.kind in (MAMBA, MEMORY_MAMBA, GMU):
+                blk = m.block(at, i, rows) if layer.kind != GMU else m.block(rows)
+                if blk is None:
+                    return None
+                t += [x for a in blk[1] for x in (a if isinstance(a, list) else [a])]
+            else:
+                blk = m.block(at, i, shared, rows)
+                if blk is None:
+                    return None
+                _, (qkv, H, kc, vc, slot, k_all, v, mask, lam, sub_w, sub_eps, scale, outp), shared = blk
+                moving = m.cross or m.window is None or kc.shape[2] == at.state.max_length
+                ident = (id(mask), id(k_all) if moving else None)
+                if ident not in sets:
+                    if m.cross:  # its keys come from the layer that wrote them, which must come first
+                        return None
+                    sets[ident] = len(plan.reps)
+                    plan.reps.append((m, i))
+                t += [*qkv, *outp, kc, vc, kernels._EMPTY if moving else k_all,
+                      kernels._EMPTY if moving else v, sub_w]
+                sc += [H, lam, sub_eps, scale, sets[ident]]
+            plan.kinds.append(cls.KINDS[layer.kind])
+            plan.tensors.append(t)
+            plan.scalars.append(sc)
+        return plan
+
+    def keys(self, at: Positions) -> list[list[torch.Tensor]] | None:
+        """This step's key sets: slot, mask, K and V views (the last two unused by a set whose
+        layers keep their own, the ring buffers)."""
+        out = []
+        for m, i in self.reps:
+            _, _, slot, k_all, v, mask, _ = m.block_keys(at, i, None)
+            if k_all is False:
+                return None
+            out.append([slot, mask, k_all, v])
+        return out
 
 
 _POOL = 1 << 22

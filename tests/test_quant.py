@@ -145,8 +145,9 @@ BLOCK_VARIANTS = {"tiny": {}, "no-differential": {"differential_attention": Fals
 @pytest.mark.parametrize("variant", BLOCK_VARIANTS)
 @pytest.mark.parametrize("int8", [False, True])
 def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
-    """A packed model decodes through one native call per mixer and per MLP (kernels.BLOCKS); the
-    same steps through the modules op by op, their reference, give the same logits and states.
+    """A packed model decodes a step's whole layer stack in one native call (kernels.STEP), or one
+    native call per mixer and per MLP (kernels.BLOCKS); the same steps through the modules op by op,
+    their reference, give the same logits and states all three ways.
     A ragged batch: one left-padded row, so rows sit at different positions and slots."""
     cfg = sambay.preset("tiny").replace(**BLOCK_VARIANTS[variant])
     model = sambay.build_model(cfg, dtype=torch.bfloat16, seed=0)
@@ -163,22 +164,41 @@ def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
     mod = kernels.blocks()
     assert mod is not None
     calls = []
-    for name in ("mlp_step", "gmu_step", "mamba_step", "attention_step"):
+    for name in ("mlp_step", "gmu_step", "mamba_step", "attention_step", "decode_layers"):
         monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name: calls.append(_n) or _f(*a))
 
-    def decode(blocks: bool):
+    def decode(blocks: bool, step: bool):
+        calls.clear()
         monkeypatch.setattr(kernels, "BLOCKS", blocks)
+        monkeypatch.setattr(kernels, "STEP", step)
         state = model.new_state(3, 24)
         out = [model(ids[:, :10], attention_mask=mask[:, :10], state=state)]
-        out += [model(ids[:, t:t + 1], state=state) for t in range(10, 24)]
+        # the decode steps on a view of the rows, as the engine makes them (a new view every step)
+        out += [model(ids[:, t:t + 1], state=state.rows(slice(0, 3))) for t in range(10, 24)]
         return torch.cat(out, 1), state
 
-    ref, ref_state = decode(False)
+    ref, ref_state = decode(False, True)
     assert not calls
-    got, state = decode(True)
+    blocks, blocks_state = decode(True, False)
     assert set(calls) == {"mlp_step", "gmu_step", "mamba_step", "attention_step"}
     # 14 steps of a mixer and an MLP per layer (and the prompt's last position in the cross-decoder)
     assert len(calls) == 14 * 2 * cfg.num_hidden_layers + 4
-    assert torch.equal(got, ref)  # the same kernels in the same order
-    for a, b in zip(state.conv + state.ssm + state.k + state.v, ref_state.conv + ref_state.ssm + ref_state.k + ref_state.v):
-        assert (a is None and b is None) or torch.equal(a, b)
+    got, state = decode(True, True)
+    assert calls.count("decode_layers") == 14 and len(calls) == 14 + 4  # one call per step
+    for logits, st in ((blocks, blocks_state), (got, state)):
+        assert torch.equal(logits, ref)  # the same kernels in the same order
+        for a, b in zip(st.conv + st.ssm + st.k + st.v, ref_state.conv + ref_state.ssm + ref_state.k + ref_state.v):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert len(state.plans) == 1  # built once, kept for the same rows
+
+
+@torch.no_grad()
+def test_a_packed_model_runs_one_token_without_a_state(monkeypatch):
+    """Cross-attention's native block also serves a stateless call of one token (it used to reach
+    for the state's views and fail)."""
+    model = pack_model(sambay.build_model(sambay.preset("tiny"), dtype=torch.bfloat16, seed=0))
+    ids = torch.tensor([[5], [7]])
+    got = model(ids)
+    monkeypatch.setattr(kernels, "BLOCKS", False)
+    assert torch.equal(got, model(ids))
+

@@ -906,6 +906,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gmu_step", &gmu_step, "decode block: gated memory unit");
   m.def("mamba_step", &mamba_step, "decode block: Mamba mixer for one token per row");
   m.def("attention_step", &attention_step, "decode block: attention for one token per row");
+  m.def("decode_layers", &decode_layers, "a decode step's whole layer stack: the blocks in order");
   m.def("fast_paths", []() {
     std::vector<std::string> p;
 #ifdef SAMBAY_VNNI

@@ -32,3 +32,5 @@ std::vector<at::Tensor> mamba_step(at::Tensor x, Linear in_proj, at::Tensor conv
 at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor kc, at::Tensor vc, at::Tensor slot,
                           at::Tensor k, at::Tensor v, at::Tensor valid, double lam, at::Tensor subln_w, double eps,
                           double scale, Linear out_proj);
+at::Tensor decode_layers(at::Tensor h, std::vector<int64_t> kinds, std::vector<std::vector<at::Tensor>> tensors,
+                         std::vector<std::vector<double>> scalars, std::vector<std::vector<at::Tensor>> keys);
