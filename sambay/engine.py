@@ -364,6 +364,30 @@ class StopStrings:
         return out
 
 
+class RequestText:
+    """One request's text as its token events arrive: decoded incrementally (never half a UTF-8
+    character), the stop token itself not shown, and cut before the first stop string (after
+    which `stopped` is true and the caller ends the request)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def push(self, ev: Event) -> str:
+        """The text this event adds (may be empty while a stop string is undecided)."""
+        text = "" if ev.finish_reason == "stop" else self.decoder.push(ev.token_id)
+        if ev.finished:
+            text += self.decoder.flush()
+        piece = self.stops.push(text)
+        if ev.finished:
+            piece += self.stops.flush()
+        return piece
+
+
 class TextStream:
     """Iterate over the text of one request as it is generated (see Engine.stream_text).
 
@@ -374,8 +398,7 @@ class TextStream:
 
     def __init__(self, engine: Engine, request: Request, tokenizer):
         self.engine, self.request = engine, request
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = StopStrings(request.params.stop)
+        self.pieces = RequestText(tokenizer, request.params.stop)
         self.text = ""
 
     @property
@@ -396,14 +419,8 @@ class TextStream:
                 for ev in self.engine.step():
                     if ev.request_id != self.request.request_id:
                         continue
-                    # A stop id ends the request (finish_reason "stop") and its text is not shown.
-                    text = "" if ev.finish_reason == "stop" else self.decoder.push(ev.token_id)
-                    if ev.finished:
-                        text += self.decoder.flush()
-                    piece = self.stops.push(text)
-                    if ev.finished:
-                        piece += self.stops.flush()
-                    if self.stops.stopped:
+                    piece = self.pieces.push(ev)
+                    if self.pieces.stopped:
                         self.engine.cancel(self.request)  # a no-op if it just finished anyway
                         self.request.finish_reason = "stop"
                     if piece:

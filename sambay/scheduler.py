@@ -11,7 +11,7 @@ through Jobs.
 The model is not thread-safe, so everything that touches it (add_request, step, cancel) runs on
 the scheduler thread, between decode steps: a waiting request is prefilled and joins the running
 batch at the next token boundary, and a finished or cancelled one leaves at once. The text layer
-(incremental detokenizing and stop strings, as in Engine's TextStream) runs here too, so a stop
+(incremental detokenizing and stop strings: engine.RequestText, as in TextStream) runs here too, so a stop
 string frees its row on the very step that produced it. Results go back to the event loop in one
 `call_soon_threadsafe` per step.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Engine, Event, StopStrings
+from .engine import Engine, Event, RequestText
 from .errors import SambayError
 from .sampling import SamplingParams
 
@@ -91,8 +91,7 @@ class Job:
         self.cancelled = False
         # Owned by the scheduler thread.
         self.request = None
-        self.decoder = None
-        self.stops: StopStrings | None = None
+        self.text: RequestText | None = None
         self.first_token_at: float | None = None
 
 
@@ -341,8 +340,7 @@ class Scheduler:
                                                                    f"({type(e).__name__}: {e})", status=500)))
             finished.append(job)
             return
-        job.decoder = self.engine.tokenizer.stream_decoder()
-        job.stops = StopStrings(job.params.stop)
+        job.text = RequestText(self.engine.tokenizer, job.params.stop)
 
     def _step(self, outputs: list, finished: list) -> None:
         events = self.engine.step()
@@ -360,15 +358,9 @@ class Scheduler:
 
     def _text(self, job: Job, ev: Event) -> Output:
         """One token's Output: its text, cut at a stop string (which also ends the request)."""
-        # A stop id ends the request (finish_reason "stop") and its text is not shown.
-        text = "" if ev.finish_reason == "stop" else job.decoder.push(ev.token_id)
-        if ev.finished:
-            text += job.decoder.flush()
-        piece = job.stops.push(text)
-        if ev.finished:
-            piece += job.stops.flush()
+        piece = job.text.push(ev)
         finish = ev.finish_reason
-        if job.stops.stopped:
+        if job.text.stopped:
             self.engine.cancel(job.request)  # a no-op if it just finished anyway
             finish = "stop"
         logprobs = None
