@@ -22,8 +22,29 @@ _module = None
 _error: str | None = None
 
 
+def tile_int8(w: torch.Tensor) -> torch.Tensor:
+    """int8 weights (N, K) -> 4-row tiles (N / 4, K / 64, 4, 64): each tile's rows stored 64 values
+    of each at a time, the order the AVX2 int8 GEMV streams them (csrc/gemv.cpp, gemv_q8_tiled)."""
+    N, K = w.shape
+    return w.view(N // 4, 4, K // 64, 64).transpose(1, 2).contiguous()
+
+
+def untile_int8(w: torch.Tensor) -> torch.Tensor:
+    """The plain (N, K) rows of weights in either layout (a copy for tiled ones)."""
+    if w.dim() == 2:
+        return w
+    n4, kb, r, c = w.shape
+    return w.transpose(1, 2).reshape(n4 * r, kb * c)
+
+
+def tiles_int8() -> bool:
+    """Whether this CPU's int8 GEMV streams weights in 4-row tiles (the AVX2 path; VNNI reads rows)."""
+    return "int8-avx2" in fast_paths()
+
+
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """Reference: dequantize the weights and use torch's matmul. x (M, K) float32 -> (M, N)."""
+    w = untile_int8(w)
     y = F.linear(x.float(), w.float())
     return y * scale.float() if scale is not None else y
 
@@ -80,7 +101,7 @@ def gemv_lowp_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) 
     """Reference for the default (fast) path on this CPU: the activations rounded the way its
     kernel rounds them (int8 weights with an int8 path: int8 per block of 64 values; bf16 weights
     with bf16-dot: bf16), then exact math. Without such a path the activations stay float32."""
-    x = x.float()
+    x, w = x.float(), untile_int8(w)
     paths = fast_paths()
     if w.dtype == torch.int8 and x.shape[1] % 64 == 0 and any(p.startswith("int8") for p in paths):
         blocks = x.reshape(x.shape[0], -1, 64)
@@ -108,6 +129,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     meet activations rounded to int8 per 64-value block, bf16 weights meet bf16 activations;
     exact=True keeps x in float32. gemv_lowp_ref and gemv_ref are the references."""
     mod = _module or _load()
+    if w.dim() == 4 and (mod is None or exact or not tiles_int8()):  # tiles: the int8-activation path only
+        w = untile_int8(w)
     if mod is None or x.device.type != "cpu" or torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad):
         y = gemv_ref(x, w, scale)

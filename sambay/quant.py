@@ -69,9 +69,29 @@ class PackedLinear(nn.Module):
         return [buf["weight"], kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        w = kernels.untile_int8(self.weight)
         if self.weight_scale is None:
-            return self.weight.to(dtype)
-        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+            return w.to(dtype)
+        return (w.to(dtype) * self.weight_scale.to(dtype)[:, None])
+
+    def tile(self) -> None:
+        """int8 weights into the 4-row tiles the AVX2 GEMV streams (kernels.tile_int8), where the
+        shape allows; state_dict still gives (and load_state_dict takes) the plain rows."""
+        w = self.weight
+        if w.dtype == torch.int8 and w.dim() == 2 and w.shape[0] % 4 == 0 and w.shape[1] % 64 == 0:
+            self.weight = kernels.tile_int8(w)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination and destination[key].dim() == 4 and not keep_vars:  # keep_vars: as stored
+            destination[key] = kernels.untile_int8(destination[key])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if self.weight is not None and self.weight.dim() == 4 and key in state_dict and state_dict[key].dim() == 2:
+            state_dict[key] = kernels.tile_int8(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -89,6 +109,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "int8" if self.weight_scale is not None else str(self.weight.dtype).removeprefix("torch.")
+        kind += ", 4-row tiles" if self.weight.dim() == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, {kind}"
 
 
@@ -185,8 +206,19 @@ def prepare_for_inference(model, quantize: str | None = None):
         quantize_model(model, quantize)
     else:
         pack_model(model)
+    if kernels.tiles_int8():
+        tile_int8_weights(model)
     prefault(model)
     return model
+
+
+@torch.no_grad()
+def tile_int8_weights(model) -> None:
+    """In place: every int8 PackedLinear in 4-row tiles (PackedLinear.tile), the layout the AVX2
+    int8 GEMV streams fastest (1.1-1.2x for the K = 2560 layers of Phi-4-mini-flash)."""
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.tile()
 
 
 PAGE = 4096

@@ -10,7 +10,7 @@ import torch
 
 import sambay
 from sambay import kernels
-from sambay.quant import PackedLinear, pack_model, quantize_int8, quantize_model
+from sambay.quant import PackedLinear, pack_model, prepare_for_inference, quantize_int8, quantize_model
 
 GOLDEN = "tests/data/golden/phi4flash-tiny"
 
@@ -32,6 +32,48 @@ def test_gemv_equals_reference(dtype, M, K):
     # reference does, and stays close to the float32 result
     torch.testing.assert_close(kernels.gemv(x, w, scale), kernels.gemv_lowp_ref(x, w, scale), **tol)
     assert (kernels.gemv(x, w, scale) - ref).norm() / ref.norm() < 0.01
+
+
+needs_tiles = pytest.mark.skipif(not kernels.tiles_int8(), reason="this CPU's int8 GEMV reads plain rows")
+
+
+@needs_tiles
+@pytest.mark.parametrize("M", [1, 2, 3, 16])
+@pytest.mark.parametrize("K", [64, 2560, 10240])
+def test_tiled_int8_gemv_equals_the_row_kernel(M, K):
+    """Int8 weights in 4-row tiles: the same products as row by row, bit for bit (the same
+    arithmetic per row), with and without a bias; the layout round-trips."""
+    g = torch.Generator().manual_seed(M + K)
+    w = torch.randint(-127, 128, (44, K), generator=g, dtype=torch.int8)
+    scale, bias, x = torch.rand(44, generator=g), torch.randn(44, generator=g), torch.randn(M, K, generator=g)
+    tiled = kernels.tile_int8(w)
+    assert tiled.shape == (11, K // 64, 4, 64) and torch.equal(kernels.untile_int8(tiled), w)
+    assert torch.equal(kernels.gemv(x, tiled, scale), kernels.gemv(x, w, scale))
+    assert torch.equal(kernels.gemv(x, tiled, scale, bias=bias), kernels.gemv(x, w, scale, bias=bias))
+    torch.testing.assert_close(kernels.gemv(x, tiled, scale, exact=True), kernels.gemv(x, w, scale, exact=True))
+    ref = kernels.gemv_lowp_ref(x, tiled, scale)
+    torch.testing.assert_close(kernels.gemv(x, tiled, scale), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@needs_tiles
+@torch.no_grad()
+def test_tiled_packed_linear_keeps_its_results_and_its_checkpoint_layout():
+    lin = torch.nn.Linear(128, 24)
+    a = PackedLinear.from_linear(lin, int8=True)
+    b = PackedLinear.from_linear(lin, int8=True)
+    b.tile()
+    assert b.weight.dim() == 4 and "4-row tiles" in repr(b)
+    for rows in (1, 3, 40):  # the GEMV, and the matmul of a prefill
+        x = torch.randn(rows, 128)
+        assert torch.equal(a(x), b(x))
+    assert torch.equal(b.state_dict()["weight"], a.weight)  # saved as plain rows
+    c = PackedLinear.from_linear(torch.nn.Linear(128, 24), int8=True)
+    c.tile()
+    c.load_state_dict(a.state_dict())  # plain rows into a tiled layer
+    assert torch.equal(c.weight, b.weight)
+    odd = PackedLinear.from_linear(torch.nn.Linear(100, 24), int8=True)
+    odd.tile()
+    assert odd.weight.dim() == 2  # K not a multiple of 64: stays in rows
 
 
 def test_native_kernels_are_built_here():
@@ -123,6 +165,11 @@ def test_int8_model_within_stated_tolerance_and_round_trips(model, tmp_path):
     again = sambay.load_model(saved)
     assert again.quantization == "int8" and again.model.layers[0].mlp.fc1.weight.dtype == torch.int8
     assert torch.equal(again(ids), out)
+    # Prepared for inference (int8 in 4-row tiles where the CPU streams those), it saves the same file.
+    prepare_for_inference(again)
+    assert again.model.layers[0].mlp.fc1.weight.dim() == (4 if kernels.tiles_int8() else 2)
+    resaved = sambay.save_model(again, tmp_path / "int8-again")
+    assert (resaved / "model.safetensors").read_bytes() == (saved / "model.safetensors").read_bytes()
     fp32_bytes = os.path.getsize(f"{GOLDEN}/model.safetensors")
     assert (saved / "model.safetensors").stat().st_size < 0.5 * fp32_bytes
 
@@ -157,7 +204,7 @@ def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
         elif p.dtype.is_floating_point and "A_log" not in p.__repr__():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    model = quantize_model(model) if int8 else pack_model(model)
+    model = prepare_for_inference(model, "int8") if int8 else pack_model(model)  # int8: in tiles on AVX2
     ids = torch.randint(0, 500, (3, 24), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
