@@ -78,7 +78,7 @@ class DecodeState:
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.views: dict = {}  # views of these tensors the decode blocks reuse from step to step
-        # Whole-step plans (SambaY.step_plan), shared with the row views and keyed by which rows.
+        # Whole-step plans (StepPlan), shared with the row views and keyed by which rows.
         self.plans: dict = {}
         self.rows_key: tuple = ()
 
@@ -718,7 +718,7 @@ class SambaY(CausalLM):
         state = at.state
         key = (id(self), state.rows_key)
         plan = state.plans.get(key)
-        if plan is None:
+        if plan is None or plan is not False and not plan.current():
             plan = state.plans[key] = StepPlan.build(self, at, B) or False
         if plan is False:
             return None
@@ -734,7 +734,8 @@ class StepPlan:
     tensors (norms, packed weights, state tensors) and numbers, in the order DecoderLayer's fast path
     passes them to the blocks. Attention layers read a key set: slot, mask and, for K/V views that
     move (the growing full-attention cache, which cross-attention shares), the view itself; one
-    layer of each set (`reps`) recomputes it every step."""
+    layer of each set (`reps`) recomputes it every step. A plan is rebuilt when the model's packed
+    linear layers or their weights were replaced since (quantized, tiled, loaded)."""
 
     KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 4}
 
@@ -743,10 +744,17 @@ class StepPlan:
         self.tensors: list[list[torch.Tensor]] = []
         self.scalars: list[list[float]] = []
         self.reps: list[tuple[Attention, int]] = []
+        self.linears: list[tuple[dict, str, PackedLinear, torch.Tensor]] = []
+
+    def current(self) -> bool:
+        """Whether every packed linear layer and its weight are still those the plan was built with."""
+        return all(mods[name] is lin and lin._buffers["weight"] is w for mods, name, lin, w in self.linears)
 
     @classmethod
     def build(cls, model: SambaY, at: Positions, rows: int) -> StepPlan | None:
         plan, sets, shared = cls(), {}, None
+        plan.linears = [(parent._modules, name, lin, lin._buffers["weight"]) for parent in model.modules()
+                        for name, lin in parent._modules.items() if isinstance(lin, PackedLinear)]
         for layer in model.model.layers:
             ln1, ln2, m, i = layer.input_layernorm, layer.post_attention_layernorm, layer.attn, layer.index
             mlp = _native_block(rows, layer.mlp.fc1, layer.mlp.fc2)

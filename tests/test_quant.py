@@ -218,7 +218,7 @@ def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
         calls.clear()
         monkeypatch.setattr(kernels, "BLOCKS", blocks)
         monkeypatch.setattr(kernels, "STEP", step)
-        state = model.new_state(3, 24)
+        state = model.new_state(3, 25)
         out = [model(ids[:, :10], attention_mask=mask[:, :10], state=state)]
         # the decode steps on a view of the rows, as the engine makes them (a new view every step)
         out += [model(ids[:, t:t + 1], state=state.rows(slice(0, 3))) for t in range(10, 24)]
@@ -237,6 +237,12 @@ def test_native_decode_blocks_equal_the_modules(variant, int8, monkeypatch):
         for a, b in zip(st.conv + st.ssm + st.k + st.v, ref_state.conv + ref_state.ssm + ref_state.k + ref_state.v):
             assert (a is None and b is None) or torch.equal(a, b)
     assert len(state.plans) == 1  # built once, kept for the same rows
+    plan = next(iter(state.plans.values()))
+    assert plan.current()
+    model.model.layers[0].mlp.fc1.weight = model.model.layers[0].mlp.fc1.weight.clone()  # new weights
+    assert not plan.current()
+    model(ids[:, :1], state=state.rows(slice(0, 3)))
+    assert len(state.plans) == 1 and next(iter(state.plans.values())) is not plan  # rebuilt
 
 
 @torch.no_grad()
