@@ -448,7 +448,8 @@ def register(sub) -> None:
     _common(d)
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--context", type=int, default=0, help="tokens already in the state before timing")
-    d.add_argument("--tokens", type=int, default=16, help="decode steps to time")
+    d.add_argument("--tokens", type=int, default=32,
+                   help="decode steps to time (default 32, so that the median holds against noisy neighbours)")
     d.add_argument("--warmup", type=int, default=2)
     d.set_defaults(func=run_decode)
     p = bsub.add_parser("prefill", help="prefill tokens/s for several prompt lengths")
