@@ -24,7 +24,7 @@ _error: str | None = None
 
 def tile_int8(w: torch.Tensor) -> torch.Tensor:
     """int8 weights (N, K) -> 4-row tiles (N / 4, K / 64, 4, 64): each tile's rows stored 64 values
-    of each at a time, the order the AVX2 int8 GEMV streams them (csrc/gemv.cpp, gemv_q8_tiled)."""
+    of each at a time, the order the AVX2 int8 GEMV streams them (csrc/gemv.cpp, gemv_q8)."""
     N, K = w.shape
     return w.view(N // 4, 4, K // 64, 64).transpose(1, 2).contiguous()
 

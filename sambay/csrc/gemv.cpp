@@ -276,10 +276,12 @@ void quantize_activations_s8(const float* x, int64_t M, int64_t K, int8_t* xq, u
 }
 
 // out[r * 4 + m] = dot(weight row r, activation row m) for R weight rows and M_ activation rows;
-// xa holds |xq| (see quantize_activations_s8).
-template <int R, int M_>
+// xa holds |xq| (see quantize_activations_s8). Tiled: the R = 4 rows are stored block by block
+// (kernels.tile_int8: [row 0 block 0][row 1 block 0]...[row 0 block 1]...), one sequential stream.
+template <int R, int M_, bool Tiled = false>
 inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t* xa, const float* xs,
                     float* out) {
+  static_assert(!Tiled || R == 4, "tiles hold 4 rows");
   const int64_t nb = K / QB;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][M_];
@@ -288,9 +290,10 @@ inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t*
   for (int64_t b = 0; b < nb; ++b) {
     __m256i w0[R], w1[R];
     for (int r = 0; r < R; ++r) {  // prefetch well ahead: one thread must keep enough reads in flight
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + b * QB + PF), _MM_HINT_T0);
-      w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB));
-      w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB + 32));
+      const int8_t* wr = Tiled ? w + (b * R + r) * QB : w + r * K + b * QB;
+      _mm_prefetch(reinterpret_cast<const char*>(wr + PF), _MM_HINT_T0);
+      w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+      w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32));
     }
     for (int m = 0; m < M_; ++m) {
       const int64_t off = m * K + b * QB;
@@ -310,79 +313,19 @@ inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t*
     for (int m = 0; m < M_; ++m) out[r * 4 + m] = hsum8(acc[r][m]);
 }
 
-// The same products with the weights in 4-row tiles (quant.tile_int8): rows 4t..4t+3 stored block
-// by block, [row 0 block 0][row 1 block 0][row 2 block 0][row 3 block 0][row 0 block 1]..., so a tile
-// is one sequential stream, and each activation block is loaded once for 4 rows (4 independent
-// accumulator chains). Per row the arithmetic is exactly q8_tile's. Measured on an AVX2 EPYC with
-// K = 2560 or 5120: 1.1-1.2x the one-row-at-a-time kernel from memory, and 1.4x in cache.
-constexpr int64_t TILE_PF = 1024;  // prefetch distance in the tile's stream, bytes
-
-template <int M_>
-inline void q8_tile_rows4(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t* xa, const float* xs,
-                          float* out) {
-  const int64_t nb = K / QB;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[4][M_];
-  for (int r = 0; r < 4; ++r)
-    for (int m = 0; m < M_; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* blk = w + b * 4 * QB;
-    __m256i w0[4], w1[4];
-    for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(blk + r * QB + TILE_PF), _MM_HINT_T0);
-      w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * QB));
-      w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * QB + 32));
-    }
-    for (int m = 0; m < M_; ++m) {
-      const int64_t off = m * K + b * QB;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off + 32));
-      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off));
-      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off + 32));
-      const __m256 sc = _mm256_set1_ps(xs[m * nb + b]);
-      for (int r = 0; r < 4; ++r) {
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0[r], x0)), ones);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1[r], x1)), ones);
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), sc, acc[r][m]);
-      }
-    }
-  }
-  for (int r = 0; r < 4; ++r)
-    for (int m = 0; m < M_; ++m) out[r * 4 + m] = hsum8(acc[r][m]);
-}
-
-void gemv_q8_tiled(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
-                   int64_t K) {
-  std::vector<int8_t> xq(M * K);
-  std::vector<uint8_t> xa(M * K);
-  std::vector<float> xs(M * (K / QB));
-  quantize_activations_s8(x, M, K, xq.data(), xa.data(), xs.data());
-  at::parallel_for(0, N / 4, 4, [&](int64_t t0, int64_t t1) {
-    float out[16];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * 4;
-      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // 2 activation rows: 8 accumulators in registers
-        const int64_t mb = std::min<int64_t>(2, M - m0);
-        const int64_t xo = m0 * K;
-        const float* sm = xs.data() + m0 * (K / QB);
-        if (mb == 1) q8_tile_rows4<1>(w + n0 * K, K, xq.data() + xo, xa.data() + xo, sm, out);
-        else q8_tile_rows4<2>(w + n0 * K, K, xq.data() + xo, xa.data() + xo, sm, out);
-        for (int64_t r = 0; r < 4; ++r)
-          for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n0 + r] = out[r * 4 + m] * scale[n0 + r];
-      }
-    }
-  });
-}
-
+// in_tiles: w is in 4-row tiles (q8_tile's Tiled layout, N % 4 == 0): each tile one sequential
+// stream, each activation block loaded once for its 4 rows (4 independent accumulator chains), the
+// same arithmetic per row. Measured on an AVX2 EPYC with K = 2560 or 5120: 1.1-1.2x the rows from
+// memory (where one row at a time is compute-bound), 1.4x in cache.
 void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
-             int64_t K) {
+             int64_t K, bool in_tiles) {
   std::vector<int8_t> xq(M * K);
   std::vector<uint8_t> xa(M * K);
   std::vector<float> xs(M * (K / QB));
   quantize_activations_s8(x, M, K, xq.data(), xa.data(), xs.data());
-  // Long rows (K > 4096): tiles of 4 weight rows, x loaded once for them; shorter rows stream
-  // best one at a time (measured on an AVX2 EPYC).
-  const bool tiled = K > 4096;
+  // Rows: long ones (K > 4096) 4 at a time, x loaded once for them; shorter rows stream best one
+  // at a time (measured on an AVX2 EPYC), unless stored in tiles.
+  const bool tiled = in_tiles || K > 4096;
   const int64_t R = tiled ? 4 : 1;
   at::parallel_for(0, (N + R - 1) / R, tiled ? 4 : 16, [&](int64_t t0, int64_t t1) {
     float out[16];
@@ -395,7 +338,10 @@ void gemv_q8(const float* x, const int8_t* w, const float* scale, float* y, int6
         const int8_t* xm = xq.data() + m0 * K;
         const uint8_t* am = xa.data() + m0 * K;
         const float* sm = xs.data() + m0 * (K / QB);
-        if (full) {
+        if (full && in_tiles) {
+          if (mb == 1) q8_tile<4, 1, true>(w + n0 * K, K, xm, am, sm, out);
+          else q8_tile<4, 2, true>(w + n0 * K, K, xm, am, sm, out);
+        } else if (full) {
           if (mb == 1) q8_tile<4, 1>(w + n0 * K, K, xm, am, sm, out);
           else q8_tile<4, 2>(w + n0 * K, K, xm, am, sm, out);
         } else {
@@ -553,7 +499,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
   w = w.contiguous();
   const int64_t M = x.size(0);
   const float* sp = scale.numel() ? scale.contiguous().data_ptr<float>() : nullptr;
-  if (w.dim() == 4) {  // int8 in 4-row tiles (N / 4, K / 64, 4, 64), see gemv_q8_tiled
+  if (w.dim() == 4) {  // int8 in 4-row tiles (N / 4, K / 64, 4, 64), see gemv_q8
     TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(2) == 4 && w.size(3) == 64 && sp,
                 "gemv: a tiled weight is int8 (N / 4, K / 64, 4, 64) with a scale");
     const int64_t N = w.size(0) * 4, K = w.size(1) * 64;
@@ -561,7 +507,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
     auto y = torch::empty({M, N}, x.options());
 #ifdef SAMBAY_Q8AVX2
     TORCH_CHECK(exact == 0, "gemv: tiled int8 weights have the int8-activation path only");
-    gemv_q8_tiled(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
+    gemv_q8(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K, true);
 #else
     TORCH_CHECK(false, "gemv: this build has no kernel for tiled int8 weights (see fast_paths)");
 #endif
@@ -599,7 +545,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
 #endif
 #ifdef SAMBAY_Q8AVX2
       if (exact == 0 && K % QB == 0) {
-        gemv_q8(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
+        gemv_q8(x.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K, false);
         break;
       }
 #endif
