@@ -737,6 +737,7 @@ class StepPlan:
     layer of each set (`reps`) recomputes it every step. A plan is rebuilt when the model's packed
     linear layers or their weights were replaced since (quantized, tiled, loaded)."""
 
+    # csrc/glue.cpp's DecodeKind: Mamba, the memory Mamba, GMU, self-attention, cross-attention.
     KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 4}
 
     def __init__(self):
