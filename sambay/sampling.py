@@ -157,18 +157,48 @@ def filter_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     B, V = logits.shape
     keep = torch.ones(B, V, dtype=torch.bool, device=logits.device)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        rank = torch.arange(V, device=logits.device).expand(B, V)
-        k = torch.where(top_k > 0, top_k, V).unsqueeze(1)
-        keep_sorted = rank < k
-        probs = torch.softmax(sorted_logits.masked_fill(~keep_sorted, -math.inf), dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely ids
-        keep_sorted &= (before < top_p.unsqueeze(1)) | (rank == 0)
-        keep = torch.zeros_like(keep).scatter(1, order, keep_sorted)
+        keep, decided = _top_k_top_p(logits, top_k, top_p, min(V, CANDIDATES))
+        if not bool(decided.all()):  # some row's kept set reaches past the candidates: sort it whole
+            rows = torch.nonzero(~decided).flatten()
+            keep[rows] = _top_k_top_p(logits[rows], top_k[rows], top_p[rows], V)[0]
     if bool((min_p > 0).any()):
         probs = torch.softmax(logits, dim=-1)
         keep &= probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
     return keep
+
+
+# Top-k and top-p sort only the most likely ids when those decide the row: a stable sort of
+# Phi-4's 200,064 logits takes about 20 ms on a 2-core CPU, the top 1,024 about 1 ms.
+CANDIDATES = 1024
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int):
+    """filter_mask's top-k and top-p over the n largest logits of each row, ordered as a stable
+    descending sort of the whole row orders them (equal logits: the lower id first). Returns keep
+    (B, V) and decided (B,): whether the row's kept set ends inside the candidates, strictly above
+    the smallest of them (so that no id left out ties with a kept one); n = V decides every row."""
+    B, V = logits.shape
+    if n == V:
+        vals, ids = torch.sort(logits, dim=-1, descending=True, stable=True)
+    else:  # the candidates by id, then stably by logit: ties keep the lower id first
+        vals, ids = torch.topk(logits, n, dim=-1)
+        ids, pos = torch.sort(ids, dim=-1)
+        vals, order = torch.sort(vals.gather(1, pos), dim=-1, descending=True, stable=True)
+        ids = ids.gather(1, order)
+    rank = torch.arange(n, device=logits.device).expand(B, n)
+    keep_sorted = rank < torch.where(top_k > 0, top_k, V).unsqueeze(1)
+    masked = vals.masked_fill(~keep_sorted, -math.inf)
+    # probabilities after top-k: over the kept top k, or over the whole row
+    within = (top_k > 0) & (top_k <= n)
+    log_total = torch.where(within, torch.logsumexp(masked, dim=-1), torch.logsumexp(logits, dim=-1))
+    probs = torch.exp(masked - log_total.unsqueeze(1))
+    before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely ids
+    keep_sorted &= (before < top_p.unsqueeze(1)) | (rank == 0)
+    last = vals.gather(1, keep_sorted.sum(dim=-1, keepdim=True) - 1).squeeze(1)  # kept ranks: a prefix
+    # a top k larger than n normalizes over ids past the candidates: such a row needs n = V
+    decided = torch.full((B,), n == V, device=logits.device) | (last > vals[:, -1]) & (top_k <= n)
+    keep = torch.zeros(B, V, dtype=torch.bool, device=logits.device).scatter(1, ids, keep_sorted)
+    return keep, decided
 
 
 def filter_mask_ref(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import sambay
+from sambay import sampling
 from sambay.engine import Engine, StopStrings, generate, stream
 from sambay.sampling import (SamplingParams, TokenCounts, apply_penalties, filter_mask, filter_mask_ref,
                              sample)
@@ -216,6 +217,23 @@ def test_filters_match_the_reference():
                        torch.tensor([s[1] for s in settings]), torch.tensor([s[2] for s in settings]))
     for row, (k, p, m) in enumerate(settings):
         assert torch.equal(keep[row], filter_mask_ref(logits[row], k, p, m)), (k, p, m)
+
+
+@pytest.mark.parametrize("candidates", [4, 16, 1024])
+def test_filters_over_the_largest_logits_match_the_reference(candidates, monkeypatch):
+    """Top-k / top-p sort only the largest logits when those decide a row, else the whole row:
+    both ways give the reference's sets, ties at the candidates' edge included."""
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(1)
+    settings = [(0, 0.3, 0.0), (0, 0.9, 0.0), (0, 0.999, 0.0), (3, 1.0, 0.0), (20, 1.0, 0.0), (20, 0.5, 0.0),
+                (2, 0.99, 0.0), (0, 0.5, 0.1), (200, 0.8, 0.0), (0, 1e-6, 0.0)]
+    logits = torch.randn(len(settings), 200, generator=g) * 3
+    logits[:, 100:110] = logits[:, :200].max(dim=1, keepdim=True).values - 1  # a block of ties near the top
+    logits[1, 5] = logits[1, 7] = logits[1].max() + 1  # a tie for first place
+    keep = filter_mask(logits, torch.tensor([s[0] for s in settings]),
+                       torch.tensor([s[1] for s in settings]), torch.tensor([s[2] for s in settings]))
+    for row, (k, p, m) in enumerate(settings):
+        assert torch.equal(keep[row], filter_mask_ref(logits[row], k, p, m)), (candidates, k, p, m)
 
 
 def test_each_filter_does_what_it_says():
