@@ -260,12 +260,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         torch.tensor([params[b].top_p for b in rows], dtype=torch.float32),
         torch.tensor([params[b].min_p for b in rows], dtype=torch.float32),
     )
-    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
     for j, b in enumerate(rows):
         g = generators[b] if generators is not None else None
         if g is None:
             g = params[b].make_generator()
-        ids[b] = torch.multinomial(probs[j], 1, generator=g)[0]
+        kept = torch.nonzero(keep[j]).flatten()  # draw among the survivors only: a few ids, not the vocabulary
+        ids[b] = kept[torch.multinomial(torch.softmax(scaled[j, kept], dim=-1), 1, generator=g)[0]]
     return ids
 
 
