@@ -713,7 +713,8 @@ class SambaY(CausalLM):
         built on the first step of a state's rows and kept on the state; each step recomputes only
         the key sets (slots, masks, the growing K/V view)."""
         B, _, d = h.shape
-        if at.padded or h.dtype != torch.float32 or kernels.blocks() is None:
+        mod = kernels.blocks()
+        if at.padded or h.dtype != torch.float32 or mod is None:
             return None
         state = at.state
         key = (id(self), state.rows_key)
@@ -725,7 +726,6 @@ class SambaY(CausalLM):
         keys = plan.keys(at)
         if keys is None:
             return None
-        mod = kernels.blocks()
         return mod.decode_layers(h.reshape(B, d), plan.kinds, plan.tensors, plan.scalars, keys).view(B, 1, d)
 
 
@@ -737,8 +737,9 @@ class StepPlan:
     layer of each set (`reps`) recomputes it every step. A plan is rebuilt when the model's packed
     linear layers or their weights were replaced since (quantized, tiled, loaded)."""
 
-    # csrc/glue.cpp's DecodeKind: Mamba, the memory Mamba, GMU, self-attention, cross-attention.
-    KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 4}
+    # csrc/glue.cpp's DecodeKind: Mamba, the memory Mamba, GMU, attention (cross-attention has no
+    # cache of its own to write: empty kc, vc).
+    KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 3}
 
     def __init__(self):
         self.kinds: list[int] = []

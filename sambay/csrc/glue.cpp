@@ -306,27 +306,28 @@ at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor k
 }
 
 // ---- a whole decode step's layers in one call -------------------------------------------------------
-// The layer stack of a decode step (SambaY._decode_plan builds the arguments once per state's rows):
+// The layer stack of a decode step (model.StepPlan builds the arguments once per state's rows):
 // per layer, DecoderLayer's fast path: norm, mixer block, mlp_step, exactly as the modules call them.
 // kinds[i] (DecodeKind); tensors[i] = {ln1 w, b, ln2 w, b, fc1 (3), fc2 (3), then the mixer's:
 //   Mamba: in_proj (3), conv state, conv w, conv b, x_proj (3), dt_proj (3), A, D, ssm state, out_proj (3)
 //   GMU: in_proj (3), out_proj (3)
-//   attention: qkv_proj (3), out_proj (3), kc, vc (empty for cross-attention), k, v (empty: the key
-//     set's), subln w (empty: plain attention)}
+//   attention: qkv_proj (3), out_proj (3), kc, vc (empty for cross-attention, which writes nothing),
+//     k, v (empty: the key set's), subln w (empty: plain attention)}
 // scalars[i] = {ln1 eps, ln2 eps, then attention's: query heads, lambda, subln eps, scale, key set}.
 // keys[j] = this step's {slot, valid (B, S), k, v} of key set j (k, v empty: each layer's own).
 // Returns the residual stream after the last layer (B, d); the final norm is the caller's.
-enum DecodeKind : int64_t { kMamba = 0, kMemoryMamba = 1, kGmu = 2, kAttention = 3, kCrossAttention = 4 };
+enum DecodeKind : int64_t { kMamba = 0, kMemoryMamba = 1, kGmu = 2, kAttention = 3 };
 
 at::Tensor decode_layers(at::Tensor h, std::vector<int64_t> kinds, std::vector<std::vector<at::Tensor>> tensors,
                          std::vector<std::vector<double>> scalars, std::vector<std::vector<at::Tensor>> keys) {
   TORCH_CHECK(kinds.size() == tensors.size() && kinds.size() == scalars.size(), "decode_layers: one entry per layer");
   at::Tensor memory;
+  const auto empty = h.new_empty({0});
   auto lin = [](const std::vector<at::Tensor>& t, size_t i) { return Linear{t[i], t[i + 1], t[i + 2]}; };
   for (size_t i = 0; i < kinds.size(); ++i) {
     const auto& t = tensors[i];
     const auto& s = scalars[i];
-    const auto x = add_layer_norm(h, t[0].new_empty({0}), t[0], t[1], s[0])[1];
+    const auto x = add_layer_norm(h, empty, t[0], t[1], s[0])[1];
     at::Tensor mixed;
     switch (kinds[i]) {
       case kMamba:
@@ -342,18 +343,14 @@ at::Tensor decode_layers(at::Tensor h, std::vector<int64_t> kinds, std::vector<s
         TORCH_CHECK(t.size() == 16 && memory.defined(), "decode_layers: a GMU layer needs 16 tensors and a memory");
         mixed = gmu_step(x, memory, lin(t, 10), lin(t, 13));
         break;
-      case kAttention:
-      case kCrossAttention: {
+      case kAttention: {
         TORCH_CHECK(t.size() == 21 && s.size() == 7, "decode_layers: an attention layer has 21 tensors, 7 scalars");
         const auto set = static_cast<size_t>(s[6]);
         TORCH_CHECK(set < keys.size() && keys[set].size() == 4, "decode_layers: no such key set");
         const auto& ks = keys[set];
-        const bool own = t[18].numel() > 0;
-        const auto empty = t[0].new_empty({0});
-        const bool cross = kinds[i] == kCrossAttention;
-        mixed = attention_step(x, lin(t, 10), static_cast<int64_t>(s[2]), cross ? empty : t[16],
-                               cross ? empty : t[17], cross ? ks[0].new_empty({0}) : ks[0], own ? t[18] : ks[2],
-                               own ? t[19] : ks[3], ks[1], s[3], t[20], s[4], s[5], lin(t, 13));
+        const bool own = t[18].numel() > 0, writes = t[16].numel() > 0;
+        mixed = attention_step(x, lin(t, 10), static_cast<int64_t>(s[2]), t[16], t[17], writes ? ks[0] : empty,
+                               own ? t[18] : ks[2], own ? t[19] : ks[3], ks[1], s[3], t[20], s[4], s[5], lin(t, 13));
         break;
       }
       default:
