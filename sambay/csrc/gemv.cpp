@@ -474,11 +474,6 @@ void gemv_bf16dot(const float* x, const c10::BFloat16* w, const float* scale, fl
 #define SAMBAY_BF16DOT 1
 #endif
 
-}  // namespace
-
-// x (M, K) float32; w (N, K) float32 / bfloat16 / int8; scale (N,) float32 or empty; bias (N,)
-// float32 or empty -> (M, N) float32. exact = 1 keeps the activations in float32 (no int8 / bf16
-// rounding of x), for testing.
 // y (M, N) += bias, added after the scale, in float32, as PackedLinear's reference does.
 torch::Tensor add_bias(torch::Tensor y, const torch::Tensor& bias) {
   if (bias.numel()) {
@@ -493,6 +488,11 @@ torch::Tensor add_bias(torch::Tensor y, const torch::Tensor& bias) {
   return y;
 }
 
+}  // namespace
+
+// x (M, K) float32; w (N, K) float32 / bfloat16 / int8, or int8 in 4-row tiles (N / 4, K / 64, 4, 64);
+// scale (N,) float32 or empty; bias (N,) float32 or empty -> (M, N) float32. exact = 1 keeps the
+// activations in float32 (no int8 / bf16 rounding of x), for testing.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t exact, torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "gemv: x must be float32 (M, K)");
   x = x.contiguous();
