@@ -7,6 +7,7 @@ reference `gemv_ref` is used instead (same results, slower); `native_status()` s
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -37,6 +38,7 @@ def untile_int8(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(1, 2).reshape(n4 * r, kb * c)
 
 
+@functools.cache  # gemv asks at every call with a tiled weight; the build does not change
 def tiles_int8() -> bool:
     """Whether this CPU's int8 GEMV streams weights in 4-row tiles (the AVX2 path; VNNI reads rows)."""
     return "int8-avx2" in fast_paths()
