@@ -159,6 +159,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return mod.decode_attention(q.float(), k, v, valid)
 
 
+def decode_diff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, lam: float):
+    """Native differential one-query attention, or None when unavailable: q (B, 2, Hk, g, dk) and k
+    as decode_attention takes them; returns (B, 1, Hk, g, dv), group 0's output - lam * group 1's."""
+    mod = _load()
+    if mod is None or q.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return mod.decode_diff_attention(q.float(), k, v, valid, lam)
+
+
 def ssm_step(x, dt, A, Bm, Cm, D, state: torch.Tensor):
     """Native Mamba decode step (see ops.selective_state_step), or None when unavailable."""
     mod = _load()

@@ -466,8 +466,8 @@ class Attention(nn.Module):
         q1, q2 = q[:, :, 0::2].transpose(1, 2), q[:, :, 1::2].transpose(1, 2)  # (B, H/2, T, hd)
         p = self.inner_cross_attn
         if mask is not None and not drop:  # decode: both halves in one pass over K and V
-            o = ops.decode_attention_stacked([q1, q2], [k[:, :half], k[:, half:]], v, mask)  # (B, 2, H/2, 2hd)
             lam = float(p.lam(self.lambda_init))
+            o = ops.decode_diff_attention([q1, q2], [k[:, :half], k[:, half:]], v, mask, lam)  # (B, 1, H/2, 2hd)
             o = ops.diff_combine(o.unsqueeze(3), lam, p.subln.weight, p.subln.eps, 1 - self.lambda_init)
             return o.view(B, 1, self.H * self.hd)
         a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)

@@ -228,6 +228,29 @@ def decode_attention_stacked(qs, ks, v, mask):
     return out.reshape(B, len(qs), Hq, v.shape[-1]).to(qs[0].dtype)
 
 
+def decode_diff_attention(qs, ks, v, mask, lam: float):
+    """Differential attention's two groups for one query per row, already combined:
+    softmax(q1 k1) V - lam softmax(q2 k2) V as (B, 1, Hq, dv) float32, arguments as
+    decode_attention_groups takes them. The native kernel weighs each value row once for both
+    groups; the reference computes the groups (decode_attention_stacked) and subtracts."""
+    from . import kernels
+
+    B, Hq, _, dk = qs[0].shape
+    Hk, S = ks[0].shape[1], ks[0].shape[2]
+    k_all = grouped_keys(ks, v)
+    if k_all is not None:
+        q_all = torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in qs], dim=1)
+        out = kernels.decode_diff_attention(q_all, k_all, v, mask.reshape(B, S), lam)
+        if out is not None:
+            return out.reshape(B, 1, Hq, v.shape[-1])
+    return decode_diff_attention_ref(qs, ks, v, mask, lam)
+
+
+def decode_diff_attention_ref(qs, ks, v, mask, lam: float):
+    o = decode_attention_stacked(qs, ks, v, mask).float()
+    return (o[:, 0] - lam * o[:, 1]).unsqueeze(1)
+
+
 def grouped_keys(ks, v):
     """The key tensors of the query groups as one (B, G, Hk, S, dk) view, as the native decode
     attention takes them, or None when they (or v) are not laid out for it."""
@@ -330,7 +353,8 @@ def conv_step_ref(x, state, weight, bias):
 def diff_combine(o, lam: float, weight, eps: float, scale: float):
     """Differential attention's output for one query per row: o (B, 2, Hk, g, dv) holds the
     attention of the q1 and q2 heads; returns rms_norm(o1 - lam * o2) * weight * scale as
-    (B, Hk * g * dv), heads in order."""
+    (B, Hk * g * dv), heads in order. o (B, 1, Hk, g, dv) is o1 - lam * o2 already
+    (decode_diff_attention's result)."""
     mod = _glue(o) if o.dtype == weight.dtype == torch.float32 else None
     if mod is None:
         return diff_combine_ref(o, lam, weight, eps, scale)
@@ -339,7 +363,7 @@ def diff_combine(o, lam: float, weight, eps: float, scale: float):
 
 def diff_combine_ref(o, lam: float, weight, eps: float, scale: float):
     o = o.float()
-    mixed = o[:, 0] - lam * o[:, 1]
+    mixed = o[:, 0] - lam * o[:, 1] if o.shape[1] == 2 else o[:, 0]
     out = F.rms_norm(mixed, (o.shape[-1],), weight.float(), eps) * scale
     return out.reshape(o.shape[0], -1)
 

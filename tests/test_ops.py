@@ -172,6 +172,35 @@ def test_grouped_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked)
     assert ops._stack_views([k[:, :Hk], k[:, Hk:]]) is not None  # really the one-pass path
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S, dk, dv, Hq, masked", [(203, 16, 32, 6, 17),  # vector paths, ragged tails
+                                                   (300, 64, 128, 6, 130),  # phi4-mini-flash: g = 2
+                                                   (300, 64, 128, 15, 70),  # g = 5: pairs and a single
+                                                   (90, 12, 20, 6, 3)])  # dims not a multiple of 8
+def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked):
+    """softmax(q1.k1) V - lam softmax(q2.k2) V from one pass over V (the native kernel) equals the
+    two groups' attention computed apart and subtracted."""
+    from sambay import kernels
+
+    g = torch.Generator().manual_seed(2)
+    B, Hk, lam = 2, 3, 0.37
+    k = torch.randn(B, 2 * Hk, S, dk, generator=g).to(dtype)
+    v = torch.randn(B, Hk, S, dv, generator=g).to(dtype)
+    q1, q2 = (torch.randn(B, Hq, 1, dk, generator=g) for _ in range(2))
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :masked] = False
+    q_pos, k_pos = torch.tensor([[S - 1], [S - 1]]), torch.arange(S).expand(B, S)
+    mask = ops.attention_mask(q_pos, k_pos, valid, None)
+    got = ops.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], v, mask, lam)  # (B, 1, Hq, dv)
+    a1 = ops.attention_ref(q1, k[:, :Hk].float(), v.float(), q_pos, k_pos, valid, None)
+    a2 = ops.attention_ref(q2, k[:, Hk:].float(), v.float(), q_pos, k_pos, valid, None)
+    torch.testing.assert_close(got[:, 0], (a1 - lam * a2)[:, :, 0], rtol=2e-5, atol=2e-5)
+    q_all = torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in (q1, q2)], dim=1)
+    native = kernels.decode_diff_attention(q_all, ops.grouped_keys([k[:, :Hk], k[:, Hk:]], v), v, valid, lam)
+    assert native is not None and torch.equal(native.reshape(got.shape), got)  # the kernel ran
+
+
 # ---- decode glue: each fused op against its PyTorch twin ---------------------------------------------
 
 
@@ -233,6 +262,9 @@ def test_diff_combine_equals_reference(native):
     g = torch.Generator().manual_seed(0)
     o, w = torch.randn(2, 2, 3, 5, 24, generator=g), torch.randn(24, generator=g)
     torch.testing.assert_close(ops.diff_combine(o, 0.37, w, 1e-5, 0.8), ops.diff_combine_ref(o, 0.37, w, 1e-5, 0.8),
+                               rtol=1e-5, atol=1e-5)
+    combined = o[:, :1] - 0.37 * o[:, 1:]  # (B, 1, ...): the difference already taken
+    torch.testing.assert_close(ops.diff_combine(combined, 0.37, w, 1e-5, 0.8), ops.diff_combine_ref(o, 0.37, w, 1e-5, 0.8),
                                rtol=1e-5, atol=1e-5)
     assert native == {"diff_combine"}
 

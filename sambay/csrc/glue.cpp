@@ -180,10 +180,12 @@ at::Tensor conv_step(at::Tensor x, at::Tensor state, at::Tensor w, at::Tensor b)
 
 // Differential attention's combination of its two groups: o (B, 2, Hk, g, dv) float32, the
 // attention outputs of q1 and q2 -> rms_norm(o[:, 0] - lam * o[:, 1]) * w * scale, (B, Hk * g * dv).
+// o (B, 1, Hk, g, dv) is that difference already (decode_diff_attention's output).
 at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, double scale) {
-  TORCH_CHECK(o.dim() == 5 && o.size(1) == 2 && o.scalar_type() == at::kFloat, "diff_combine: o (B, 2, Hk, g, dv)");
+  TORCH_CHECK(o.dim() == 5 && (o.size(1) == 1 || o.size(1) == 2) && o.scalar_type() == at::kFloat,
+              "diff_combine: o (B, 2 or 1, Hk, g, dv)");
   o = o.contiguous();
-  const int64_t B = o.size(0), heads = o.size(2) * o.size(3), dv = o.size(4);
+  const int64_t B = o.size(0), G = o.size(1), heads = o.size(2) * o.size(3), dv = o.size(4);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == dv, "diff_combine: weight must be float32 (dv,)");
   w = w.contiguous();
   auto out = at::empty({B, heads * dv}, o.options());
@@ -192,12 +194,12 @@ at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, doub
   const float l = static_cast<float>(lam), s = static_cast<float>(scale);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < heads; ++h) {
-      const float* a1 = op + (b * 2 * heads + h) * dv;
+      const float* a1 = op + (b * G * heads + h) * dv;
       const float* a2 = a1 + heads * dv;
       float* dst = outp + (b * heads + h) * dv;
       float ms = 0.f;
       for (int64_t i = 0; i < dv; ++i) {
-        dst[i] = a1[i] - l * a2[i];
+        dst[i] = G == 2 ? a1[i] - l * a2[i] : a1[i];
         ms += dst[i] * dst[i];
       }
       const float r = 1.f / std::sqrt(ms / dv + static_cast<float>(eps));
@@ -286,8 +288,8 @@ std::vector<at::Tensor> mamba_step(at::Tensor x, Linear in_proj, at::Tensor conv
 // written into kc / vc at slot (B,) before attending; cross-attention passes empty kc, vc, slot).
 // k (B, G, Hk, S, dk) are the key views each query group attends with, v (B, Hk, S, dv), valid
 // (B, S). Differential attention (G = 2, subln_w given): query head 2i + G' belongs to group G'
-// (as Attention._attend splits them) and the groups are combined by diff_combine; plain (G = 1):
-// the heads' outputs side by side.
+// (as Attention._attend splits them); decode_diff_attention gives a1 - lam a2, which diff_combine
+// normalizes. Plain (G = 1): the heads' outputs side by side.
 at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor kc, at::Tensor vc, at::Tensor slot,
                           at::Tensor k, at::Tensor v, at::Tensor valid, double lam, at::Tensor subln_w, double eps,
                           double scale, Linear out_proj) {
@@ -301,8 +303,8 @@ at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor k
   auto q = qkv.narrow(1, 0, H * dk);
   q = diff ? q.view({B, H / 2, 2, dk}).permute({0, 2, 1, 3}).reshape({B, 2, Hk, g, dk})
            : q.view({B, 1, Hk, g, dk});
-  const auto o = decode_attention(q, k, v, valid);  // (B, G, Hk, g, dv)
-  return linear(out_proj, diff ? diff_combine(o, lam, subln_w, eps, scale) : o.reshape({B, -1}));
+  if (!diff) return linear(out_proj, decode_attention(q, k, v, valid).reshape({B, -1}));  // (B, 1, Hk, g, dv)
+  return linear(out_proj, diff_combine(decode_diff_attention(q, k, v, valid, lam), lam, subln_w, eps, scale));
 }
 
 // ---- a whole decode step's layers in one call -------------------------------------------------------

@@ -10,6 +10,7 @@
 // gemv.cpp: the memory-bound products and sequence kernels.
 at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t exact, at::Tensor bias);
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid);
+at::Tensor decode_diff_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double lam);
 at::Tensor ssm_step(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor Bm, at::Tensor Cm, at::Tensor D,
                     at::Tensor state);
 
