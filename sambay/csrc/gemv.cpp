@@ -626,6 +626,23 @@ inline void weigh_values(const float* p, int64_t p_stride, int64_t n, const T* v
 }
 #endif
 
+// row[j] = exp(row[j] - mx) for j < n, in place; returns their sum (softmax weights before the division).
+inline float exp_shifted_sum(float* row, int64_t n, float mx) {
+  float sum = 0.f;
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 sv = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(row + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  sum = hsum8(sv);
+#endif
+  for (; j < n; ++j) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
+  return sum;
+}
+
 template <typename T>
 void decode_attention_impl(const float* q, const T* k, const T* v, const bool* valid, float* out,
                            int64_t B, int64_t G, int64_t Hk, int64_t g, int64_t S, int64_t dk,
@@ -739,19 +756,7 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
             continue;
           }
           const float corr = std::exp(m[qi] - mn);
-          float sum = 0.f;
-          int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-          __m256 sv = _mm256_setzero_ps();
-          for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(mn)));
-            _mm256_storeu_ps(row + j, e);
-            sv = _mm256_add_ps(sv, e);
-          }
-          sum = hsum8(sv);
-#endif
-          for (; j < n; ++j) { row[j] = std::exp(row[j] - mn); sum += row[j]; }
-          l[qi] = l[qi] * corr + sum;
+          l[qi] = l[qi] * corr + exp_shifted_sum(row, n, mn);
           m[qi] = mn;
           if (corr != 1.f) {  // the running maximum moved
             float* a = &acc[qi * dv];
@@ -932,24 +937,12 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
         for (; j < S; ++j)
           if (ok[j]) mx = std::max(mx, row[j]);
           else row[j] = -INFINITY;
-        float sum = 0.f;
-        j = 0;
         if (mx == -INFINITY) {  // no valid key: this row weighs nothing
           std::fill(row, row + S, 0.f);
           l[r] = 0.f;
           continue;
         }
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 sv = _mm256_setzero_ps();
-        for (; j + 8 <= S; j += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(mx)));
-          _mm256_storeu_ps(row + j, e);
-          sv = _mm256_add_ps(sv, e);
-        }
-        sum = hsum8(sv);
-#endif
-        for (; j < S; ++j) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
-        l[r] = sum;
+        l[r] = exp_shifted_sum(row, S, mx);
       }
       // pass 3: values, row by row of V, each weighed by c = a1 / l1 - lam a2 / l2 per query
       std::fill(acc.begin(), acc.end(), 0.f);
