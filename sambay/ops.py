@@ -215,14 +215,9 @@ def decode_attention_stacked(qs, ks, v, mask):
     The native kernel streams K and V once for all groups; the fallback is `_decode_attention`."""
     from . import kernels
 
-    B, Hq, _, dk = qs[0].shape
-    Hk, S = ks[0].shape[1], ks[0].shape[2]
-    g = Hq // Hk
-    k_all = grouped_keys(ks, v)
-    out = None
-    if k_all is not None:
-        q_all = torch.stack([q.reshape(B, Hk, g, dk) for q in qs], dim=1)
-        out = kernels.decode_attention(q_all, k_all, v, mask.reshape(B, S))
+    B, Hq = qs[0].shape[:2]
+    native = _native_attention_inputs(qs, ks, v, mask)
+    out = None if native is None else kernels.decode_attention(*native)
     if out is None:
         return torch.stack([_decode_attention(q, k, v, mask)[:, :, 0] for q, k in zip(qs, ks)], dim=1)
     return out.reshape(B, len(qs), Hq, v.shape[-1]).to(qs[0].dtype)
@@ -235,20 +230,28 @@ def decode_diff_attention(qs, ks, v, mask, lam: float):
     groups; the reference computes the groups (decode_attention_stacked) and subtracts."""
     from . import kernels
 
-    B, Hq, _, dk = qs[0].shape
-    Hk, S = ks[0].shape[1], ks[0].shape[2]
-    k_all = grouped_keys(ks, v)
-    if k_all is not None:
-        q_all = torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in qs], dim=1)
-        out = kernels.decode_diff_attention(q_all, k_all, v, mask.reshape(B, S), lam)
-        if out is not None:
-            return out.reshape(B, 1, Hq, v.shape[-1])
-    return decode_diff_attention_ref(qs, ks, v, mask, lam)
+    B, Hq = qs[0].shape[:2]
+    native = _native_attention_inputs(qs, ks, v, mask)
+    out = None if native is None else kernels.decode_diff_attention(*native, lam)
+    if out is None:
+        return decode_diff_attention_ref(qs, ks, v, mask, lam)
+    return out.reshape(B, 1, Hq, v.shape[-1])
 
 
 def decode_diff_attention_ref(qs, ks, v, mask, lam: float):
     o = decode_attention_stacked(qs, ks, v, mask).float()
     return (o[:, 0] - lam * o[:, 1]).unsqueeze(1)
+
+
+def _native_attention_inputs(qs, ks, v, mask):
+    """(q (B, G, Hk, g, dk), k (B, G, Hk, S, dk), v, valid (B, S)) as the native decode attention
+    kernels take them, or None when the keys are not laid out for them."""
+    B, Hq, _, dk = qs[0].shape
+    Hk, S = ks[0].shape[1], ks[0].shape[2]
+    k_all = grouped_keys(ks, v)
+    if k_all is None:
+        return None
+    return torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in qs], dim=1), k_all, v, mask.reshape(B, S)
 
 
 def grouped_keys(ks, v):

@@ -881,6 +881,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
 #else
   const bool vec = false;
 #endif
+  const auto dim = [&](int64_t d) { return vec ? d - d % 16 + split_dim<T>(d % 16) : d; };  // split order
   at::parallel_for(0, B * Hk, 1, [&](int64_t w0, int64_t w1) {
     const int64_t Q = 2 * g;  // rows: group 0's g queries, then group 1's
     std::vector<float> sc(Q * S), l(Q), cb(g * BLK), acc(g * dv), qsplit(Q * dk), kf(dk), vf(dv);
@@ -889,8 +890,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
       const bool* ok = valid + b * S;
       for (int64_t r = 0; r < Q; ++r) {  // queries in split order (load16), as key_dots4 takes them
         const float* src = q + (((b * 2 + r / g) * Hk + h) * g + r % g) * dk;
-        for (int64_t d = 0; d < dk; ++d)
-          qsplit[r * dk + d] = vec ? src[d - d % 16 + split_dim<T>(d % 16)] : src[d];
+        for (int64_t d = 0; d < dk; ++d) qsplit[r * dk + d] = src[dim(d)];
       }
       // pass 1: scores, S per row
       for (int64_t gi = 0; gi < 2; ++gi) {
@@ -915,11 +915,11 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
           }
 #endif
         for (; j < S; ++j) {
-          for (int64_t d = 0; d < dk; ++d) kf[d] = static_cast<float>(kb[j * k_ss + d]);
+          for (int64_t d = 0; d < dk; ++d) kf[d] = static_cast<float>(kb[j * k_ss + dim(d)]);  // as qsplit
           for (int64_t qi = 0; qi < g; ++qi) {
             const float* qq = &qsplit[(gi * g + qi) * dk];
             float dot = 0.f;
-            for (int64_t d = 0; d < dk; ++d) dot += qq[d] * kf[vec ? d - d % 16 + split_dim<T>(d % 16) : d];
+            for (int64_t d = 0; d < dk; ++d) dot += qq[d] * kf[d];
             sc[(gi * g + qi) * S + j] = dot * scale;
           }
         }
@@ -983,7 +983,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
       for (int64_t qi = 0; qi < g; ++qi) {
         float* o = out + (w * g + qi) * dv;
         const float* a = &acc[qi * dv];
-        for (int64_t d = 0; d < dv; ++d) o[vec ? d - d % 16 + split_dim<T>(d % 16) : d] = a[d];
+        for (int64_t d = 0; d < dv; ++d) o[dim(d)] = a[d];
       }
     }
   });
