@@ -161,7 +161,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
 
 def decode_diff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, lam: float):
     """Native differential one-query attention, or None when unavailable: q (B, 2, Hk, g, dk) and k
-    as decode_attention takes them; returns (B, 1, Hk, g, dv), group 0's output - lam * group 1's."""
+    as decode_attention takes them, v (B, Hk, S, dv) or in column blocks (B, Hk, nb, S, dv / nb);
+    returns (B, 1, Hk, g, dv), group 0's output - lam * group 1's."""
     mod = _load()
     if mod is None or q.device.type != "cpu" or torch.is_grad_enabled():
         return None

@@ -27,6 +27,10 @@ from .errors import SambayError
 
 # Parameters kept in float32 whatever the model dtype, as in the released checkpoint.
 FP32_PARAMS = ("A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+# Differential attention keeps its values in column blocks this wide: the decode kernel weighs 32
+# dims at a time, and each block is then one sequential stream (paired at 32K keys: 1.16x the
+# attention over rows of 2hd = 128 dims, whose 32-dim sweeps read every 4th cache line).
+VALUE_BLOCK = 32
 
 
 class Positions:
@@ -103,9 +107,9 @@ class DecodeState:
             if t is not None:
                 t[dst].copy_(t[src])
         for t in self.k + self.v:
-            if t is not None:  # (B, heads, slots, width); slot = position % slots
-                n = min(used, t.shape[2])
-                t[dst, :, :n].copy_(t[src, :, :n])
+            if t is not None:  # (B, heads, [blocks,] slots, width); slot = position % slots
+                n = min(used, t.shape[-2])
+                t[dst][..., :n, :].copy_(t[src][..., :n, :])
         self.valid[dst].copy_(self.valid[src])
         self.lengths[dst] = self.lengths[src]
 
@@ -285,7 +289,8 @@ class Attention(nn.Module):
 
     K/V are kept in a "cache layout" in every case, fresh or cached, so there is one attend path:
     differential: K (B, Hkv, S, hd) with heads ordered [even..., odd...], V (B, Hkv/2, S, 2hd)
-    with head pairs side by side; plain: K, V (B, Hkv, S, hd).
+    with head pairs side by side, stored in column blocks (B, Hkv/2, 2hd / w, S, w) of width
+    w = VALUE_BLOCK (ops.value_blocks); plain: K, V (B, Hkv, S, hd).
     """
 
     def __init__(self, cfg: SambaYConfig, layer: int, cross: bool):
@@ -309,15 +314,22 @@ class Attention(nn.Module):
 
     def cache_shapes(self, batch: int, slots: int):
         if self.diff:
-            return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv // 2, slots, 2 * self.hd)
+            w = self.value_block
+            return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv // 2, 2 * self.hd // w, slots, w)
         return (batch, self.Hkv, slots, self.hd), (batch, self.Hkv, slots, self.hd)
+
+    @property
+    def value_block(self) -> int:
+        """Width of the differential values' column blocks: VALUE_BLOCK, or all 2hd if it does not divide."""
+        return VALUE_BLOCK if (2 * self.hd) % VALUE_BLOCK == 0 else 2 * self.hd
 
     def to_cache_layout(self, k, v):
         """k, v (B, T, Hkv, hd) -> cache layout (see class docstring)."""
         B, T = k.shape[:2]
         if self.diff:
             k = torch.cat([k[:, :, 0::2], k[:, :, 1::2]], dim=2)
-            v = v.reshape(B, T, self.Hkv // 2, 2 * self.hd)
+            v = ops.value_blocks(v.reshape(B, T, self.Hkv // 2, 2 * self.hd).transpose(1, 2), self.value_block)
+            return k.transpose(1, 2), v
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, h, at: Positions, layer: int, shared_kv=None):
@@ -355,11 +367,11 @@ class Attention(nn.Module):
         # Ring buffer of the last `slots` positions, prefill.
         ring_pos = _ring_positions(start, slots)
         keys = torch.cat([kc, k], dim=2)
-        vals = torch.cat([vc, v], dim=2)
+        vals = torch.cat([vc, v], dim=-2)
         pos = torch.cat([ring_pos, at.pos], dim=1)
         valid = torch.cat([_gather_valid(state.valid, ring_pos), at.valid], dim=1)
         keep = min(T, slots)
-        _write(kc, vc, k[:, :, -keep:], v[:, :, -keep:], start + T - keep, slots)
+        _write(kc, vc, k[:, :, -keep:], v[..., -keep:, :], start + T - keep, slots)
         return keys, vals, pos, valid
 
     def _cache_view(self, at: Positions, kc, vc, start: torch.Tensor):
@@ -373,7 +385,7 @@ class Attention(nn.Module):
                 pos = torch.arange(used, device=kc.device).expand(kc.shape[0], used)
                 at.memo["linear"] = (used, pos, state.valid[:, :used])
             used, pos, valid = at.memo["linear"]
-            return kc[:, :, :used], vc[:, :, :used], pos, valid
+            return kc[:, :, :used], vc[..., :used, :], pos, valid
         if ("ring", slots) not in at.memo:
             ring_pos = _ring_positions(start + 1, slots)
             at.memo["ring", slots] = (ring_pos, _gather_valid(state.valid, ring_pos))
@@ -470,6 +482,7 @@ class Attention(nn.Module):
             o = ops.decode_diff_attention([q1, q2], [k[:, :half], k[:, half:]], v, mask, lam)  # (B, 1, H/2, 2hd)
             o = ops.diff_combine(o.unsqueeze(3), lam, p.subln.weight, p.subln.eps, 1 - self.lambda_init)
             return o.view(B, 1, self.H * self.hd)
+        v = ops.value_rows(v)
         a1 = ops.attention(q1, k[:, :half], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         a2 = ops.attention(q2, k[:, half:], v, q_pos, k_pos, k_valid, self.window, drop, mask)
         o = a1.float() - p.lam(self.lambda_init) * a2.float()  # (B, H/2, T, 2hd)
@@ -492,11 +505,11 @@ def _write(kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
     """Write T fresh positions per row, starting at start[b], into slots position % slots."""
     T = k.shape[2]
     k, v = k.to(kc.dtype), v.to(vc.dtype)  # packed models compute K/V in float32 (quant.py)
-    if T == 1:
+    if T == 1:  # values: (B, H, S, d) or in column blocks (B, H, nb, S, w); positions are dim -2
         rows = torch.arange(kc.shape[0], device=kc.device)
         slot = torch.remainder(start, slots)
         kc[rows, :, slot] = k[:, :, 0]
-        vc[rows, :, slot] = v[:, :, 0]
+        vc[rows, ..., slot, :] = v[..., 0, :]
         return
     s0 = int(start[0])
     if not bool((start == s0).all()):
@@ -504,7 +517,7 @@ def _write(kc, vc, k, v, start: torch.Tensor, slots: int) -> None:
                           "prefill rows of different lengths one at a time with state.rows(i)")
     idx = torch.remainder(torch.arange(s0, s0 + T, device=kc.device), slots)
     kc[:, :, idx] = k
-    vc[:, :, idx] = v
+    vc[..., idx, :] = v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,8 +226,9 @@ def decode_attention_stacked(qs, ks, v, mask):
 def decode_diff_attention(qs, ks, v, mask, lam: float):
     """Differential attention's two groups for one query per row, already combined:
     softmax(q1 k1) V - lam softmax(q2 k2) V as (B, 1, Hq, dv) float32, arguments as
-    decode_attention_groups takes them. The native kernel weighs each value row once for both
-    groups; the reference computes the groups (decode_attention_stacked) and subtracts."""
+    decode_attention_groups takes them, except that v may be in column blocks (value_rows).
+    The native kernel weighs each value row once for both groups; the reference computes the
+    groups (decode_attention_stacked) and subtracts."""
     from . import kernels
 
     B, Hq = qs[0].shape[:2]
@@ -235,12 +236,28 @@ def decode_diff_attention(qs, ks, v, mask, lam: float):
     out = None if native is None else kernels.decode_diff_attention(*native, lam)
     if out is None:
         return decode_diff_attention_ref(qs, ks, v, mask, lam)
-    return out.reshape(B, 1, Hq, v.shape[-1])
+    return out.reshape(B, 1, Hq, out.shape[-1])
 
 
 def decode_diff_attention_ref(qs, ks, v, mask, lam: float):
-    o = decode_attention_stacked(qs, ks, v, mask).float()
+    o = decode_attention_stacked(qs, ks, value_rows(v), mask).float()
     return (o[:, 0] - lam * o[:, 1]).unsqueeze(1)
+
+
+def value_blocks(v, width: int):
+    """Values (B, H, S, dv) -> column blocks (B, H, dv / width, S, width): block i holds dims
+    [i width, (i + 1) width) of every row. The differential decode state keeps its values so, which
+    makes each 32-dim sweep of the decode kernel one sequential stream (see Attention.cache_shapes)."""
+    B, H, S, dv = v.shape
+    return v.reshape(B, H, S, dv // width, width).permute(0, 1, 3, 2, 4)
+
+
+def value_rows(v):
+    """value_blocks undone: (B, H, S, dv), a copy unless v is already rows (4-D) or one block."""
+    if v.dim() == 4:
+        return v
+    B, H, nb, S, width = v.shape
+    return v.permute(0, 1, 3, 2, 4).reshape(B, H, S, nb * width)
 
 
 def _native_attention_inputs(qs, ks, v, mask):
@@ -373,7 +390,8 @@ def diff_combine_ref(o, lam: float, weight, eps: float, scale: float):
 
 def kv_write(kv, kc, vc, slot, diff: bool):
     """Write one new position per row into a K/V cache. kv (B, 2 * Hkv * hd): the projected keys
-    then values; kc (B, Hkv, S, hd), vc (B, Hv, S, dv) with Hv * dv = Hkv * hd; slot (B,) int64.
+    then values; kc (B, Hkv, S, hd), vc (B, Hv, S, dv) with Hv * dv = Hkv * hd, or vc in column
+    blocks (B, Hv, nb, S, dv / nb) (value_blocks); slot (B,) int64.
     diff: key heads are stored [even..., odd...] (differential attention's cache layout)."""
     mod = _glue(kv, kc, vc) if kv.dtype == torch.float32 and kv.dim() == 2 else None
     if mod is None or kc.dtype not in (torch.float32, torch.bfloat16):
@@ -386,7 +404,7 @@ def kv_write_ref(kv, kc, vc, slot, diff: bool):
     k = kv[:, : Hkv * hd].reshape(B, Hkv, hd)
     if diff:
         k = torch.cat([k[:, 0::2], k[:, 1::2]], dim=1)
-    v = kv[:, Hkv * hd:].reshape(B, vc.shape[1], vc.shape[3])
+    v = kv[:, Hkv * hd:].reshape(vc.shape[:-2] + vc.shape[-1:])  # (B, Hv, [nb,] width)
     rows = torch.arange(B, device=kc.device)
     kc[rows, :, slot] = k.to(kc.dtype)
-    vc[rows, :, slot] = v.to(vc.dtype)
+    vc[rows, ..., slot, :] = v.to(vc.dtype)

@@ -178,9 +178,11 @@ def test_grouped_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked)
                                                    (300, 64, 128, 6, 130),  # phi4-mini-flash: g = 2
                                                    (300, 64, 128, 15, 70),  # g = 5: pairs and a single
                                                    (90, 12, 20, 6, 3)])  # dims not a multiple of 8
-def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked, blocks):
     """softmax(q1.k1) V - lam softmax(q2.k2) V from one pass over V (the native kernel) equals the
-    two groups' attention computed apart and subtracted."""
+    two groups' attention computed apart and subtracted; V as rows or in column blocks (the decode
+    state's layout: 32 wide where dv allows, else 2 blocks, which takes the scalar path)."""
     from sambay import kernels
 
     g = torch.Generator().manual_seed(2)
@@ -192,12 +194,14 @@ def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, ma
     valid[1, :masked] = False
     q_pos, k_pos = torch.tensor([[S - 1], [S - 1]]), torch.arange(S).expand(B, S)
     mask = ops.attention_mask(q_pos, k_pos, valid, None)
-    got = ops.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], v, mask, lam)  # (B, 1, Hq, dv)
+    vin = ops.value_blocks(v, 32 if dv % 32 == 0 else dv // 2).contiguous() if blocks else v
+    assert torch.equal(ops.value_rows(vin), v)
+    got = ops.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], vin, mask, lam)  # (B, 1, Hq, dv)
     a1 = ops.attention_ref(q1, k[:, :Hk].float(), v.float(), q_pos, k_pos, valid, None)
     a2 = ops.attention_ref(q2, k[:, Hk:].float(), v.float(), q_pos, k_pos, valid, None)
     torch.testing.assert_close(got[:, 0], (a1 - lam * a2)[:, :, 0], rtol=2e-5, atol=2e-5)
     q_all = torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in (q1, q2)], dim=1)
-    native = kernels.decode_diff_attention(q_all, ops.grouped_keys([k[:, :Hk], k[:, Hk:]], v), v, valid, lam)
+    native = kernels.decode_diff_attention(q_all, ops.grouped_keys([k[:, :Hk], k[:, Hk:]], vin), vin, valid, lam)
     assert native is not None and torch.equal(native.reshape(got.shape), got)  # the kernel ran
 
 
@@ -270,18 +274,24 @@ def test_diff_combine_equals_reference(native):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("diff", [True, False])
+@pytest.mark.parametrize("diff, blocks", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_write_equals_reference(diff, dtype, native):
+def test_kv_write_equals_reference(diff, blocks, dtype, native):
     g = torch.Generator().manual_seed(0)
     B, Hkv, hd, S = 3, 4, 8, 6
     qkv = torch.randn(B, 5 * Hkv * hd, generator=g)  # some query heads first, as projected
     kv = qkv[:, 3 * Hkv * hd:]
     vshape = (B, Hkv // 2, S, 2 * hd) if diff else (B, Hkv, S, hd)
+    if blocks:  # values in column blocks, as the differential decode state keeps them
+        vshape = (B, Hkv // 2, 4, S, 2 * hd // 4)
     caches = [(torch.zeros(B, Hkv, S, hd, dtype=dtype), torch.zeros(vshape, dtype=dtype)) for _ in range(2)]
     slot = torch.tensor([0, 5, 2])
     ops.kv_write(kv, *caches[0], slot, diff)
     ops.kv_write_ref(kv, *caches[1], slot, diff)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
     assert caches[0][0].abs().sum() > 0 and caches[0][1].abs().sum() > 0
+    if blocks:  # the same values as a write into rows
+        rows = (torch.zeros(B, Hkv, S, hd, dtype=dtype), torch.zeros(B, Hkv // 2, S, 2 * hd, dtype=dtype))
+        ops.kv_write_ref(kv, *rows, slot, diff)
+        assert torch.equal(ops.value_rows(caches[0][1]), rows[1])
     assert native == {"kv_write"}

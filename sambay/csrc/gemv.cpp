@@ -833,8 +833,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }
 
 // ---- differential decode attention: A1 V - lam A2 V in one pass over V ----------------------------
-// q (B, 2, Hk, g, dk), k (B, 2, Hk, S, dk), v (B, Hk, S, dv), valid (B, S) as decode_attention takes
-// them; returns (B, 1, Hk, g, dv) = softmax(q1.k1) V - lam softmax(q2.k2) V, which is what
+// q (B, 2, Hk, g, dk), k (B, 2, Hk, S, dk), valid (B, S) as decode_attention takes them, and the values
+// in column blocks, v (B, Hk, nb, S, vb) with dv = nb * vb: block i holds dims [i vb, (i + 1) vb) of
+// every row (nb = 1 is the plain (B, Hk, S, dv) layout). Returns (B, 1, Hk, g, dv) = softmax(q1.k1) V - lam softmax(q2.k2) V, which is what
 // differential attention needs of the two groups. Three passes per (row, kv head): every score (the
 // keys streamed once), the softmax weights in place, then the values streamed once, each weighed by
 // c = a1 / l1 - lam a2 / l2. Knowing l1 and l2 before touching V is what lets one value pass serve
@@ -868,16 +869,20 @@ inline void weigh_values32(const float* c, int64_t c_stride, int64_t n, const T*
 
 template <typename T>
 void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bool* valid, float lam, float* out,
-                                int64_t B, int64_t Hk, int64_t g, int64_t S, int64_t dk, int64_t dv, int64_t k_sb,
-                                int64_t k_sg, int64_t k_sh, int64_t k_ss, int64_t v_sb, int64_t v_sh, int64_t v_ss) {
-  // Value rows per block, weighed 32 dims at a time: small blocks keep the 4 sweeps over a row's
-  // cache lines close in time (paired at 32K keys: 16 rows 1.11x faster than 64, 8 rows 1.16x but
-  // 0.89x from cache, where each call's accumulator loads and stores weigh more).
+                                int64_t B, int64_t Hk, int64_t g, int64_t S, int64_t dk, int64_t dv, int64_t vb,
+                                int64_t k_sb, int64_t k_sg, int64_t k_sh, int64_t k_ss, int64_t v_sb, int64_t v_sh,
+                                int64_t v_sc, int64_t v_ss) {
+  // Value rows per block, weighed 32 dims at a time. In 32-wide column blocks (vb = 32, the decode
+  // state's layout) each 32-dim sweep reads one sequential stream: paired at 32K keys and at 2K,
+  // 1.16x the whole kernel over rows of 128 dims, whose 4 sweeps read every 4th cache line (there,
+  // 16-row blocks measured 1.11x faster than 64 rows: the sweeps over a row stay close in time).
   constexpr int64_t BLK = 16;
   constexpr int64_t APF = 32;  // software prefetch distance in keys (16 and 32 measured alike, 128 slower)
+  constexpr int64_t VPF = 16;  // the same for each value stream, in rows (8 to 64 measured alike)
   const float scale = 1.0f / std::sqrt(static_cast<float>(dk));
+  const auto vdim = [&](int64_t d) { return d / vb * v_sc + d % vb; };  // offset of dim d in a row
 #if defined(__AVX2__) && defined(__FMA__)
-  const bool vec = dk % 16 == 0 && dv % 32 == 0;
+  const bool vec = dk % 16 == 0 && vb % 32 == 0;
 #else
   const bool vec = false;
 #endif
@@ -949,7 +954,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
       }
       // pass 3: values, row by row of V, each weighed by c = a1 / l1 - lam a2 / l2 per query
       std::fill(acc.begin(), acc.end(), 0.f);
-      const T* vb = v + b * v_sb + h * v_sh;
+      const T* vh = v + b * v_sb + h * v_sh;
       for (int64_t s0 = 0; s0 < S; s0 += BLK) {
         const int64_t n = std::min(BLK, S - s0);
         for (int64_t qi = 0; qi < g; ++qi) {
@@ -959,21 +964,21 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
         }
 #if defined(__AVX2__) && defined(__FMA__)
         if (vec) {
-          // while weighing the first 32 dims of this block, prefetch the rows APF keys ahead
-          const T* pf = s0 + BLK + APF <= S ? vb + (s0 + APF) * v_ss : nullptr;
-          const int64_t pf_bytes = dv * static_cast<int64_t>(sizeof(T));
+          // each sweep's first query pair prefetches its 32 dims of the rows VPF ahead
+          const bool ahead = s0 + BLK + VPF <= S;
           for (int64_t d = 0; d < dv; d += 32)
             for (int64_t q0 = 0; q0 < g; q0 += 2) {
-              const T* vr = vb + s0 * v_ss + d;
-              const T* p = d == 0 && q0 == 0 ? pf : nullptr;
-              if (g - q0 >= 2) weigh_values32<T, 2>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pf_bytes);
-              else weigh_values32<T, 1>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pf_bytes);
+              const T* vr = vh + s0 * v_ss + vdim(d);
+              const T* p = ahead && q0 == 0 ? vr + VPF * v_ss : nullptr;
+              const int64_t pb = 32 * sizeof(T);
+              if (g - q0 >= 2) weigh_values32<T, 2>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pb);
+              else weigh_values32<T, 1>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pb);
             }
           continue;
         }
 #endif
         for (int64_t j = 0; j < n; ++j) {
-          for (int64_t d = 0; d < dv; ++d) vf[d] = static_cast<float>(vb[(s0 + j) * v_ss + d]);
+          for (int64_t d = 0; d < dv; ++d) vf[d] = static_cast<float>(vh[(s0 + j) * v_ss + vdim(d)]);
           for (int64_t qi = 0; qi < g; ++qi) {
             const float c = cb[qi * BLK + j];
             for (int64_t d = 0; d < dv; ++d) acc[qi * dv + d] += c * vf[d];
@@ -991,25 +996,28 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
 
 torch::Tensor decode_diff_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor valid,
                                     double lam) {
-  TORCH_CHECK(q.dim() == 5 && q.size(1) == 2 && k.dim() == 5 && k.size(1) == 2 && v.dim() == 4 && valid.dim() == 2,
+  if (v.dim() == 4) v = v.unsqueeze(2);  // rows: one column block
+  TORCH_CHECK(q.dim() == 5 && q.size(1) == 2 && k.dim() == 5 && k.size(1) == 2 && v.dim() == 5 && valid.dim() == 2,
               "decode_diff_attention: shapes");
+  const int64_t B = q.size(0), Hk = q.size(2), g = q.size(3), dk = q.size(4), S = k.size(3);
+  const int64_t vb = v.size(4), dv = v.size(2) * vb;
+  TORCH_CHECK(k.size(0) == B && k.size(2) == Hk && k.size(4) == dk && v.size(0) == B && v.size(1) == Hk &&
+              v.size(3) == S && valid.size(0) == B && valid.size(1) == S, "decode_diff_attention: shapes differ");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && valid.scalar_type() == torch::kBool,
               "decode_diff_attention: dtypes");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_diff_attention: k and v dtypes differ");
-  TORCH_CHECK(k.stride(4) == 1 && v.stride(3) == 1, "decode_diff_attention: rows must be contiguous");
+  TORCH_CHECK(k.stride(4) == 1 && v.stride(4) == 1, "decode_diff_attention: rows must be contiguous");
   q = q.contiguous();
   valid = valid.contiguous();
-  const int64_t B = q.size(0), Hk = q.size(2), g = q.size(3), dk = q.size(4), S = k.size(3), dv = v.size(3);
   auto out = torch::empty({B, 1, Hk, g, dv}, q.options());
   const float l = static_cast<float>(lam);
-  if (k.scalar_type() == torch::kBFloat16)
-    decode_diff_attention_impl(q.data_ptr<float>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
-                               valid.data_ptr<bool>(), l, out.data_ptr<float>(), B, Hk, g, S, dk, dv, k.stride(0),
-                               k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1), v.stride(2));
-  else
-    decode_diff_attention_impl(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), valid.data_ptr<bool>(),
-                               l, out.data_ptr<float>(), B, Hk, g, S, dk, dv, k.stride(0), k.stride(1), k.stride(2),
-                               k.stride(3), v.stride(0), v.stride(1), v.stride(2));
+  const auto run = [&](auto* kp, auto* vp) {
+    decode_diff_attention_impl(q.data_ptr<float>(), kp, vp, valid.data_ptr<bool>(), l, out.data_ptr<float>(), B, Hk,
+                               g, S, dk, dv, vb, k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0),
+                               v.stride(1), v.stride(2), v.stride(3));
+  };
+  if (k.scalar_type() == torch::kBFloat16) run(k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>());
+  else run(k.data_ptr<float>(), v.data_ptr<float>());
   return out;
 }
 

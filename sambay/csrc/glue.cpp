@@ -80,7 +80,7 @@ void conv_step_impl(const float* x, int64_t ldx, S* state, const float* w, const
 
 template <typename S>
 void kv_write_impl(const float* kv, int64_t ldkv, S* kc, S* vc, const int64_t* slot, bool diff, int64_t B,
-                   int64_t Hkv, int64_t hd, int64_t Hv, int64_t dv, const int64_t* ks, const int64_t* vs) {
+                   int64_t Hkv, int64_t hd, int64_t Hv, int64_t dv, int64_t vb, const int64_t* ks, const int64_t* vs) {
   for (int64_t b = 0; b < B; ++b) {
     const float* src = kv + b * ldkv;
     for (int64_t i = 0; i < Hkv; ++i) {  // differential: cache heads are [even..., odd...]
@@ -90,8 +90,8 @@ void kv_write_impl(const float* kv, int64_t ldkv, S* kc, S* vc, const int64_t* s
     }
     const float* v = src + Hkv * hd;  // values: Hkv * hd numbers, cut into Hv heads of dv
     for (int64_t j = 0; j < Hv; ++j) {
-      S* dst = vc + b * vs[0] + j * vs[1] + slot[b] * vs[2];
-      for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<S>(v[j * dv + d]);
+      S* dst = vc + b * vs[0] + j * vs[1] + slot[b] * vs[3];
+      for (int64_t d = 0; d < dv; ++d) dst[d / vb * vs[2] + d % vb] = static_cast<S>(v[j * dv + d]);
     }
   }
 }
@@ -210,27 +210,32 @@ at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, doub
 
 // Write one new position per row into the K/V cache, converting to the cache's dtype.
 // kv (B, 2 * Hkv * hd) float32: the keys then the values of the QKV projection; kc (B, Hkv, S, hd)
-// and vc (B, Hv, S, dv) with Hv * dv = Hkv * hd (any strides, contiguous rows); slot (B,) int64.
+// and vc (B, Hv, S, dv) with Hv * dv = Hkv * hd (any strides, contiguous rows), or vc in column
+// blocks (B, Hv, nb, S, vb) with nb * vb = dv (Attention.cache_shapes); slot (B,) int64.
 // diff: key heads are stored [even..., odd...], as Attention.to_cache_layout does.
 void kv_write(at::Tensor kv, at::Tensor kc, at::Tensor vc, at::Tensor slot, bool diff) {
   check_rows(kv, "kv_write", "kv");
-  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == vc.scalar_type() &&
-              kc.stride(3) == 1 && vc.stride(3) == 1, "kv_write: caches must be (B, H, S, d) with contiguous rows");
-  const int64_t B = kv.size(0), Hkv = kc.size(1), hd = kc.size(3), Hv = vc.size(1), dv = vc.size(3);
+  if (vc.dim() == 4) vc = vc.unsqueeze(2);  // rows: one column block
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 5 && kc.scalar_type() == vc.scalar_type() && kc.stride(3) == 1 &&
+              vc.stride(4) == 1, "kv_write: caches must be (B, H, S, d) (values maybe in column blocks) with "
+              "contiguous rows");
+  const int64_t B = kv.size(0), Hkv = kc.size(1), hd = kc.size(3), Hv = vc.size(1), vb = vc.size(4);
+  const int64_t dv = vc.size(2) * vb;
   TORCH_CHECK(kc.size(0) == B && vc.size(0) == B && Hv * dv == Hkv * hd && kv.size(1) == 2 * Hkv * hd,
               "kv_write: shapes");
   TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == B, "kv_write: slot must be int64 (B,)");
   slot = slot.contiguous();
   const int64_t* sp = slot.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < kc.size(2) && sp[b] < vc.size(2), "kv_write: slot out of range");
-  const int64_t ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)}, vs[3] = {vc.stride(0), vc.stride(1), vc.stride(2)};
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < kc.size(2) && sp[b] < vc.size(3), "kv_write: slot out of range");
+  const int64_t ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)};
+  const int64_t vs[4] = {vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3)};
   if (kc.scalar_type() == at::kBFloat16)
     kv_write_impl(kv.data_ptr<float>(), kv.stride(0), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(),
-                  sp, diff, B, Hkv, hd, Hv, dv, ks, vs);
+                  sp, diff, B, Hkv, hd, Hv, dv, vb, ks, vs);
   else if (kc.scalar_type() == at::kFloat)
     kv_write_impl(kv.data_ptr<float>(), kv.stride(0), kc.data_ptr<float>(), vc.data_ptr<float>(), sp, diff, B,
-                  Hkv, hd, Hv, dv, ks, vs);
+                  Hkv, hd, Hv, dv, vb, ks, vs);
   else
     TORCH_CHECK(false, "kv_write: cache must be float32 or bfloat16");
 }
@@ -286,7 +291,8 @@ std::vector<at::Tensor> mamba_step(at::Tensor x, Linear in_proj, at::Tensor conv
 // Attention for one token per row: x (B, d) -> out_proj(attention(q, K, V)), (B, d).
 // qkv_proj gives the H query heads of width hd (then, for self-attention, the new keys and values,
 // written into kc / vc at slot (B,) before attending; cross-attention passes empty kc, vc, slot).
-// k (B, G, Hk, S, dk) are the key views each query group attends with, v (B, Hk, S, dv), valid
+// k (B, G, Hk, S, dk) are the key views each query group attends with, v (B, Hk, S, dv) (differential:
+// maybe in column blocks, (B, Hk, nb, S, vb), as decode_diff_attention takes them), valid
 // (B, S). Differential attention (G = 2, subln_w given): query head 2i + G' belongs to group G'
 // (as Attention._attend splits them); decode_diff_attention gives a1 - lam a2, which diff_combine
 // normalizes. Plain (G = 1): the heads' outputs side by side.
