@@ -909,6 +909,8 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
   const bool vec = false;
 #endif
   const auto dim = [&](int64_t d) { return vec ? d - d % 16 + split_dim<T>(d % 16) : d; };  // split order
+  std::vector<char> row_ok(B);  // every key of row b valid: pass 2 need not look (once, not per head)
+  for (int64_t b = 0; b < B; ++b) row_ok[b] = std::all_of(valid + b * S, valid + (b + 1) * S, [](bool x) { return x; });
   at::parallel_for(0, B * Hk, 1, [&](int64_t w0, int64_t w1) {
     const int64_t Q = 2 * g;  // rows: group 0's g queries, then group 1's
     std::vector<float> sc(Q * S), l(Q), cb(g * BLK), acc(g * dv), qsplit(Q * dk), kf(dk), vf(dv);
@@ -952,7 +954,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
         }
       }
       // pass 2: softmax weights exp(s - max) in place (0 for masked keys) and their sums
-      const bool all_ok = std::all_of(ok, ok + S, [](bool x) { return x; });
+      const bool all_ok = row_ok[b];
       for (int64_t r = 0; r < Q; ++r) {
         float* row = &sc[r * S];
         float mx = -INFINITY;
