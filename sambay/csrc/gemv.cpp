@@ -30,8 +30,9 @@ namespace {
 // own counter, and a thread done with its part takes chunks from the others'. With a static split
 // (at::parallel_for), a thread slowed by a neighbour holds up the call: on this shared AVX2 EPYC the
 // two threads of an int8 GEMV finished a mean 11-21% of the call apart, 5.6% with 8 chunks per part
-// (paired, one step's GEMVs: 1.01-1.05x; whole decode steps 1.01-1.04x). ggml hands out matmul
-// chunks from a counter too. Owners read their chunks in order, so each part stays one stream.
+// (paired, one step's GEMVs: 1.01-1.05x int8, 1.02x bf16; whole int8 decode steps 1.01-1.04x).
+// ggml hands out matmul chunks from a counter too. Owners read their chunks in order, so each part
+// stays one stream.
 template <typename F>
 void parallel_steal(int64_t n, int64_t chunks_per_thread, const F& f) {
   const int64_t T = at::get_num_threads();
@@ -431,7 +432,7 @@ void gemv_bf16_avx2(const float* x, const c10::BFloat16* w, const float* scale, 
       for (int64_t i = 0; i < 16; ++i) xp[m * K + k + i] = x[m * K + k + split_dim<c10::BFloat16>(i)];
     for (int64_t k = K16; k < K; ++k) xp[m * K + k] = x[m * K + k];
   }
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  parallel_steal(N, 8, [&](int64_t n0, int64_t n1) {
     float out[4];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
