@@ -858,8 +858,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // ---- differential decode attention: A1 V - lam A2 V in one pass over V ----------------------------
 // q (B, 2, Hk, g, dk), k (B, 2, Hk, S, dk), valid (B, S) as decode_attention takes them, and the values
 // in column blocks, v (B, Hk, nb, S, vb) with dv = nb * vb: block i holds dims [i vb, (i + 1) vb) of
-// every row (nb = 1 is the plain (B, Hk, S, dv) layout). Returns (B, 1, Hk, g, dv) = softmax(q1.k1) V - lam softmax(q2.k2) V, which is what
-// differential attention needs of the two groups. Three passes per (row, kv head): every score (the
+// every row (nb = 1 is the plain (B, Hk, S, dv) layout). Returns (B, 1, Hk, g, dv) =
+// softmax(q1.k1) V - lam softmax(q2.k2) V, which is what differential attention needs of the two
+// groups. Three passes per (row, kv head): every score (the
 // keys streamed once), the softmax weights in place, then the values streamed once, each weighed by
 // c = a1 / l1 - lam a2 / l2. Knowing l1 and l2 before touching V is what lets one value pass serve
 // both groups: half the value arithmetic of decode_attention's online softmax, whose values each
