@@ -649,6 +649,19 @@ inline void weigh_values(const float* p, int64_t p_stride, int64_t n, const T* v
 }
 #endif
 
+// The largest of row[0:n] (-inf for n = 0).
+inline float row_max(const float* row, int64_t n) {
+  float mx = -INFINITY;
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
+  mx = hmax8(mv);
+#endif
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
+}
+
 // row[j] = exp(row[j] - mx) for j < n, in place; returns their sum (softmax weights before the division).
 inline float exp_shifted_sum(float* row, int64_t n, float mx) {
   float sum = 0.f;
@@ -765,15 +778,7 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* v
         // online softmax update per query
         for (int64_t qi = 0; qi < Q; ++qi) {
           float* row = &sc[qi * BLK];
-          float bm = -INFINITY;
-          int64_t j0 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-          __m256 mv = _mm256_set1_ps(-INFINITY);
-          for (; j0 + 8 <= n; j0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j0));
-          bm = hmax8(mv);
-#endif
-          for (; j0 < n; ++j0) bm = std::max(bm, row[j0]);
-          const float mn = std::max(m[qi], bm);
+          const float mn = std::max(m[qi], row_max(row, n));
           if (mn == -INFINITY) {  // nothing valid yet: these keys weigh nothing
             std::fill(row, row + n, 0.f);
             continue;
@@ -860,11 +865,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // in column blocks, v (B, Hk, nb, S, vb) with dv = nb * vb: block i holds dims [i vb, (i + 1) vb) of
 // every row (nb = 1 is the plain (B, Hk, S, dv) layout). Returns (B, 1, Hk, g, dv) =
 // softmax(q1.k1) V - lam softmax(q2.k2) V, which is what differential attention needs of the two
-// groups. Three passes per (row, kv head): every score (the
-// keys streamed once), the softmax weights in place, then the values streamed once, each weighed by
-// c = a1 / l1 - lam a2 / l2. Knowing l1 and l2 before touching V is what lets one value pass serve
-// both groups: half the value arithmetic of decode_attention's online softmax, whose values each
-// carry 2g accumulators (paired on an AVX2 EPYC: 1.28x with 2K keys, from cache; 1.20x with 32K, from memory).
+// groups. Three passes per (row, kv head): every score (the keys streamed once), the softmax
+// weights in place, then the values streamed once, each weighed by c = a1 / l1 - lam a2 / l2.
+// Knowing l1 and l2 before touching V is what lets one value pass serve both groups: half the
+// value arithmetic of decode_attention's online softmax, whose values each carry 2g accumulators
+// (paired on an AVX2 EPYC: 1.28x with 2K keys, from cache; 1.20x with 32K, from memory).
 #if defined(__AVX2__) && defined(__FMA__)
 // acc[t][0:32] += sum_j c[t * c_stride + j] * v[j][0:32] for NQ rows over n value rows (split order).
 // pf (or null): prefetch pf_bytes of the row at pf + j * v_ss along with row j, spreading the
@@ -911,7 +916,7 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
   const bool vec = false;
 #endif
   const auto dim = [&](int64_t d) { return vec ? d - d % 16 + split_dim<T>(d % 16) : d; };  // split order
-  std::vector<char> row_ok(B);  // every key of row b valid: pass 2 need not look (once, not per head)
+  std::vector<char> row_ok(B);  // every key of row b valid: pass 2 need not mask (once, not per head)
   for (int64_t b = 0; b < B; ++b) row_ok[b] = std::all_of(valid + b * S, valid + (b + 1) * S, [](bool x) { return x; });
   at::parallel_for(0, B * Hk, 1, [&](int64_t w0, int64_t w1) {
     const int64_t Q = 2 * g;  // rows: group 0's g queries, then group 1's
@@ -956,21 +961,12 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
         }
       }
       // pass 2: softmax weights exp(s - max) in place (0 for masked keys) and their sums
-      const bool all_ok = row_ok[b];
       for (int64_t r = 0; r < Q; ++r) {
         float* row = &sc[r * S];
-        float mx = -INFINITY;
-        int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-        if (all_ok) {
-          __m256 mv = _mm256_set1_ps(-INFINITY);
-          for (; j + 8 <= S; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
-          mx = hmax8(mv);
-        }
-#endif
-        for (; j < S; ++j)
-          if (ok[j]) mx = std::max(mx, row[j]);
-          else row[j] = -INFINITY;
+        if (!row_ok[b])
+          for (int64_t j = 0; j < S; ++j)
+            if (!ok[j]) row[j] = -INFINITY;
+        const float mx = row_max(row, S);
         if (mx == -INFINITY) {  // no valid key: this row weighs nothing
           std::fill(row, row + S, 0.f);
           l[r] = 0.f;
@@ -992,11 +988,11 @@ void decode_diff_attention_impl(const float* q, const T* k, const T* v, const bo
         if (vec) {
           // each sweep's first query pair prefetches its 32 dims of the rows VPF ahead
           const bool ahead = s0 + BLK + VPF <= S;
+          constexpr int64_t pb = 32 * sizeof(T);
           for (int64_t d = 0; d < dv; d += 32)
             for (int64_t q0 = 0; q0 < g; q0 += 2) {
               const T* vr = vh + s0 * v_ss + vdim(d);
               const T* p = ahead && q0 == 0 ? vr + VPF * v_ss : nullptr;
-              const int64_t pb = 32 * sizeof(T);
               if (g - q0 >= 2) weigh_values32<T, 2>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pb);
               else weigh_values32<T, 1>(&cb[q0 * BLK], BLK, n, vr, v_ss, &acc[q0 * dv + d], dv, p, pb);
             }
