@@ -313,9 +313,12 @@ inline void q8_tile(const int8_t* w, int64_t K, const int8_t* xq, const uint8_t*
     for (int m = 0; m < M_; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i w0[R], w1[R];
-    for (int r = 0; r < R; ++r) {  // prefetch well ahead: one thread must keep enough reads in flight
+    // Prefetch well ahead: one thread must keep enough reads in flight. Non-temporal (the weights
+    // are read once a step): paired on an AVX2 EPYC against T0, 1.02-1.04x one step's GEMVs and
+    // 1.015-1.02x whole int8 decode steps.
+    for (int r = 0; r < R; ++r) {
       const int8_t* wr = Tiled ? w + (b * R + r) * QB : w + r * K + b * QB;
-      _mm_prefetch(reinterpret_cast<const char*>(wr + PF), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wr + PF), _MM_HINT_NTA);
       w0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
       w1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32));
     }
