@@ -91,7 +91,9 @@ void kv_write_impl(const float* kv, int64_t ldkv, S* kc, S* vc, const int64_t* s
     const float* v = src + Hkv * hd;  // values: Hkv * hd numbers, cut into Hv heads of dv
     for (int64_t j = 0; j < Hv; ++j) {
       S* dst = vc + b * vs[0] + j * vs[1] + slot[b] * vs[3];
-      for (int64_t d = 0; d < dv; ++d) dst[d / vb * vs[2] + d % vb] = static_cast<S>(v[j * dv + d]);
+      const float* vj = v + j * dv;
+      for (int64_t c = 0; c < dv / vb; ++c)  // column block c holds dims [c vb, (c + 1) vb)
+        for (int64_t i = 0; i < vb; ++i) dst[c * vs[2] + i] = static_cast<S>(vj[c * vb + i]);
     }
   }
 }
