@@ -7,6 +7,7 @@ reference `gemv_ref` is used instead (same results, slower); `native_status()` s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -51,6 +52,31 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> to
     return y * scale.float() if scale is not None else y
 
 
+def build_dir() -> Path:
+    """Where the native kernels are built and kept: $SAMBAY_CACHE/kernels (~/.cache/sambay)."""
+    return Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """Holds an exclusive lock on the build folder, which the OS releases if this process dies.
+    torch's builder marks a build in progress with a `lock` file that a build stopped by Ctrl-C
+    leaves behind, and every later load then waits for it forever. Under this lock no other
+    sambay process is building, so such a file is stale and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's own lock file only
+        yield
+        return
+    with open(build / ".sambay-build-lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _load():
     global _module, _error
     if _module is not None or _error is not None:
@@ -64,7 +90,7 @@ def _load():
         try:
             from torch.utils.cpp_extension import load
 
-            build = Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
+            build = build_dir()
             build.mkdir(parents=True, exist_ok=True)
             # Reassociation lets the compiler vectorize the dot products; unlike -ffast-math it keeps
             # infinities, which the attention kernel's masking relies on. -fopenmp makes
@@ -75,8 +101,9 @@ def _load():
             flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
             print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
                   flush=True) if not any(build.glob("*.so")) else None
-            _module = load(name="sambay_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                           build_directory=str(build), verbose=False)
+            with _build_lock(build):
+                _module = load(name="sambay_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                               build_directory=str(build), verbose=False)
         except Exception as e:  # no compiler, no headers, ...: fall back to the reference path
             _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             print(f"sambay: native kernels unavailable ({_error}); using the slower PyTorch path",
