@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="chat with a model in the terminal",
                                  description="Interactive chat: type a message, get a streamed reply. "
                                              "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C "
-                                             "stops the current reply.")
+                                             "stops the current reply. Each reply is followed by its stats on stderr.")
     chat.add_argument("--system", default=None, metavar="TEXT", help="a system message to start with")
     _model_flags(chat)
     _sampling_flags(chat)
@@ -219,11 +219,15 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"sambay: error: {e}; /reset starts a new conversation", file=sys.stderr, flush=True)
             continue
         except KeyboardInterrupt:  # stops this reply only
-            print("\n(reply stopped)", file=sys.stderr, flush=True)
             if stream is None:  # still reading the prompt: forget the turn
+                print("\n(reply stopped)", file=sys.stderr, flush=True)
                 engine.reset()
                 history.pop()
                 continue
             stream.close()
-        _write("\n")
+            _write("\n")
+            print("(reply stopped)", file=sys.stderr, flush=True)
+        else:
+            _write("\n")
+        print(stream.stats.summary(), file=sys.stderr, flush=True)  # as generate's last line, per reply
         history.append({"role": "assistant", "content": stream.text})

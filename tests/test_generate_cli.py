@@ -167,6 +167,8 @@ def test_chat_through_a_pipe(folder, loaded):
     assert r2 != r3  # the history changes the second reply, so the check below sees it
     assert run.stdout == f"{r1}\n{r2}\n{r3}\n"  # no prompts or banners mixed into piped output
     assert "(history cleared)" in run.stderr and ">>>" not in run.stdout
+    stats = [line for line in run.stderr.splitlines() if line.startswith("prompt ")]
+    assert len(stats) == 3 and all(" tok | generated 8 tok | prefill " in s and s.endswith(" tok/s") for s in stats)
 
 
 def _read_until(fd, pattern: bytes, timeout: float = 60.0) -> bytes:
@@ -201,6 +203,8 @@ def test_chat_in_a_terminal_with_ctrl_c(folder):
         os.write(fd, b"\x03")
         after = _read_until(fd, b">>> ")
         assert b"(reply stopped)" in after
+        assert re.search(rb"\(reply stopped\)\r?\nprompt \d+ tok \| generated \d+ tok \| prefill [\d.]+ tok/s \| "
+                         rb"decode [\d.]+ tok/s", after), after[-300:]
         os.write(fd, b"/exit\n")
         _, status = os.waitpid(pid, 0)
         pid = None
