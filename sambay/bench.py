@@ -30,6 +30,7 @@ import torch
 
 from .config import CROSS_ATTENTION, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA
 from .errors import SambayError
+from .quant import fast_cpu_matmul
 
 
 def _probe(buf: torch.Tensor) -> float:
@@ -51,7 +52,8 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 PROBE_BYTES = 512 * 2**20  # far beyond any cache; about 20 ms to read
 
 
-def measure_matmul_flops(n: int = 2048, dtype=torch.bfloat16, repeats: int = 3) -> float:
+def measure_matmul_flops(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
+    """FLOP/s of one n x n matmul in `dtype` (the best of `repeats`)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
@@ -225,7 +227,9 @@ def run_prefill(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     if any(n < 1 or n > cfg.max_position_embeddings for n in lengths):
         raise SambayError(f"--lengths must be between 1 and {cfg.max_position_embeddings}")
-    flops_peak = measure_matmul_flops(dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    compute = dtype if fast_cpu_matmul(dtype) else torch.float32  # what PackedLinear._matmul uses
+    flops_peak = measure_matmul_flops(dtype=compute)
     params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
     rows = []
     for n in lengths:
@@ -236,13 +240,15 @@ def run_prefill(args: argparse.Namespace) -> int:
         print(f"prefill {n:6d} tokens: {sec:8.2f} s  {n / sec:8.1f} tok/s  {flops / sec / 1e9:7.1f} GFLOP/s  "
               f"state {state.nbytes() / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
     print(_table([("model", getattr(model, "source", "?")), ("matmul peak (measured)",
-                                                              f"{flops_peak / 1e9:.1f} GFLOP/s")]
+                                                              f"{flops_peak / 1e9:.1f} GFLOP/s "
+                                                              f"({str(compute).removeprefix('torch.')}, as prefill computes)")]
                  + [(f"{r['tokens']} tokens", f"{r['seconds']} s, {r['tokens_per_s']} tok/s, "
                                               f"{r['gflops']} GFLOP/s "
                                               f"({100 * r['gflops'] * 1e9 / flops_peak:.0f}% of matmul peak)")
                     for r in rows]))
     print(json.dumps({"bench": "prefill", "model": getattr(model, "source", "?"), "dtype": args.dtype,
                       "quantize": args.quantize or "none", "chunk": args.chunk,
+                      "matmul_dtype": str(compute).removeprefix("torch."),
                       "matmul_peak_gflops": round(flops_peak / 1e9, 1), "results": rows}))
     return 0
 

@@ -11,6 +11,8 @@ one float32 scale per output row halve the bytes of bf16. `PackedLinear` runs th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,23 @@ from . import kernels
 
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
+# A prefill matmul dequantizes at most this many weights at a time (a float32 block of 256 MB).
+MATMUL_BLOCK_ELEMENTS = 64 * 2**20
+
+
+@functools.cache
+def fast_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Whether PyTorch multiplies `dtype` matrices fast on this CPU. Half types need oneDNN's
+    native support (AVX512-BF16 / AMX or AVX512-FP16); without it they took a slow path here
+    (AVX2 EPYC, torch 2.13: a bf16 linear of 512 x 2560 x 10240 at 21 GFLOP/s, float32 at 152, and
+    converting the weights to float32 first at 127), so prefill then computes in float32."""
+    if dtype == torch.float32:
+        return True
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)()) if check else False
+    except (AttributeError, RuntimeError):
+        return False
 QUANT_METHOD = "sambay-int8"
 
 
@@ -38,7 +57,7 @@ class PackedLinear(nn.Module):
     """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale).
 
     A few rows (decoding) go through the native GEMV and come out in float32, as packed models keep
-    their activations (see `float32_activations`); more rows (prefill) use a matmul in out_dtype."""
+    their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -68,11 +87,14 @@ class PackedLinear(nn.Module):
             return None
         return [buf["weight"], kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        w = kernels.untile_int8(self.weight)
+    def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Output rows r0:r1 (all by default; multiples of 4 for tiled weights) as plain dtype rows."""
+        r1 = self.out_features if r1 is None else r1
+        w = self.weight
+        w = kernels.untile_int8(w[r0 // 4:r1 // 4]) if w.dim() == 4 else w[r0:r1]
         if self.weight_scale is None:
             return w.to(dtype)
-        return (w.to(dtype) * self.weight_scale.to(dtype)[:, None])
+        return w.to(dtype) * self.weight_scale[r0:r1].to(dtype)[:, None]
 
     def tile(self) -> None:
         """int8 weights into the 4-row tiles the AVX2 GEMV streams (kernels.tile_int8), where the
@@ -103,9 +125,24 @@ class PackedLinear(nn.Module):
             else:
                 y = kernels.gemv(x2, self.weight, self.weight_scale) + b
         else:
-            bias = None if self.bias is None else self.bias.to(self.out_dtype)
-            y = F.linear(x2.to(self.out_dtype), self.dequantized(self.out_dtype), bias)
+            y = self._matmul(x2)
         return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill): dequantize, then one matmul, in out_dtype where this CPU multiplies
+        it fast, otherwise in float32 (then so is the result). Large weights (a tied head) go in
+        blocks of rows, so that no full float32 copy of them is made."""
+        dt = self.out_dtype
+        if x2.device.type == "cpu" and not fast_cpu_matmul(dt):
+            dt = torch.float32
+        x2 = x2.to(dt)
+        step = max(4, MATMUL_BLOCK_ELEMENTS // self.in_features // 4 * 4)  # a multiple of 4 (tiles)
+        outs = []
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            bias = None if self.bias is None else self.bias[r0:r1].to(dt)
+            outs.append(F.linear(x2, self.dequantized(dt, r0, r1), bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         kind = "int8" if self.weight_scale is not None else str(self.weight.dtype).removeprefix("torch.")

@@ -127,6 +127,39 @@ def test_packed_linear_matches_nn_linear(rows):
     assert (q - lin(x)).norm() / lin(x).norm() < 0.01
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypatch):
+    """Prefill rows: dequantize, then matmul, in bf16 where the CPU multiplies it fast, otherwise in
+    float32; a large weight in blocks of rows (a multiple of 4, tiled or not) gives the same result."""
+    from sambay import quant
+
+    monkeypatch.setattr(quant, "fast_cpu_matmul", lambda dt: fast_bf16 or dt == torch.float32)
+    lin = torch.nn.Linear(128, 100, bias=True).to(torch.bfloat16)
+    packed = PackedLinear.from_linear(lin, int8=int8)
+    packed.bias = packed.bias.float()  # as float32_activations leaves it
+    x = torch.randn(40, 128)
+    dt = torch.bfloat16 if fast_bf16 else torch.float32
+    w = packed.weight.to(dt) * (packed.weight_scale.to(dt)[:, None] if int8 else 1)
+    want = torch.nn.functional.linear(x.to(dt), w, packed.bias.to(dt))
+    one = packed(x)
+    assert one.dtype == dt
+    torch.testing.assert_close(one, want)  # the dtype's default tolerance (bf16: the scale's rounding)
+    monkeypatch.setattr(quant, "MATMUL_BLOCK_ELEMENTS", 128 * 10)  # blocks of 8 rows: 13 blocks, the last of 4
+    blocks = packed(x)
+    torch.testing.assert_close(blocks, one, rtol=1e-6, atol=1e-6)  # BLAS may round a narrower product apart
+    if int8 and kernels.tiles_int8():
+        packed.tile()
+        assert packed.weight.dim() == 4 and torch.equal(packed(x), blocks)
+
+
+def test_fast_cpu_matmul_is_true_for_float32():
+    from sambay.quant import fast_cpu_matmul
+
+    assert fast_cpu_matmul(torch.float32) and isinstance(fast_cpu_matmul(torch.bfloat16), bool)
+
+
 @pytest.fixture(scope="module")
 def model():
     return sambay.load_model(GOLDEN)
