@@ -12,12 +12,22 @@ one float32 scale per output row halve the bytes of bf16. `PackedLinear` runs th
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+
+def progress(total: int, desc: str, unit: str):
+    """A progress bar on stderr for loading work that can take a while (tqdm). It shows only on a
+    terminal, and is cleared when done: the front-ends' "loaded in" line follows it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True, mininterval=0.5)
+
 
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
@@ -205,12 +215,17 @@ def quantize_model(model, mode: str = "int8"):
         from .errors import SambayError
 
         raise SambayError(f"unknown quantization {mode!r}; supported: int8")
-    for parent, name, lin in _linears(model):  # an untied lm_head is one of them
-        setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
-    if model.lm_head is None:  # tied head: an int8 copy of the embedding, which stays for lookups
-        emb = model.model.embed_tokens.weight
-        q, s = quantize_int8(emb.detach())
-        model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
+    linears = list(_linears(model))  # an untied lm_head is one of them
+    emb = model.model.embed_tokens.weight if model.lm_head is None else None  # a tied head
+    total = sum(lin.weight.numel() for _, _, lin in linears) + (emb.numel() if emb is not None else 0)
+    with progress(total, "quantizing to int8", "weights") as bar:
+        for parent, name, lin in linears:
+            setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
+            bar.update(lin.weight.numel())
+        if emb is not None:  # the tied head: an int8 copy of the embedding, which stays for lookups
+            q, s = quantize_int8(emb.detach())
+            model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
+            bar.update(emb.numel())
     _pack_dt_proj(model)
     float32_activations(model)
     model.quantization = mode
@@ -253,9 +268,11 @@ def prepare_for_inference(model, quantize: str | None = None):
 def tile_int8_weights(model) -> None:
     """In place: every int8 PackedLinear in 4-row tiles (PackedLinear.tile), the layout the AVX2
     int8 GEMV streams fastest (1.1-1.2x for the K = 2560 layers of Phi-4-mini-flash)."""
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.weight.dtype == torch.int8]
+    with progress(sum(m.weight.numel() for m in layers), "int8 weights into tiles", "weights") as bar:
+        for m in layers:
             m.tile()
+            bar.update(m.weight.numel())
 
 
 PAGE = 4096
@@ -269,11 +286,15 @@ def prefault(model) -> None:
     it is used. Decoding touches all of a linear layer's pages in the first step, but only one
     embedding row per token, so without this every new token id would stall its step on a disk
     read (measured: 25-45 ms each, for a 1 GB embedding whose pages had left the page cache)."""
-    seen = set()
+    seen, storages = set(), []
     for t in list(model.parameters()) + list(model.buffers()):
         storage = t.untyped_storage()
         if t.device.type != "cpu" or storage.nbytes() == 0 or storage.data_ptr() in seen:
             continue
         seen.add(storage.data_ptr())
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-        flat[::PAGE].max()
+        storages.append(storage)
+    with progress(sum(s.nbytes() for s in storages), "reading weights into memory", "B") as bar:
+        for storage in storages:
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+            flat[::PAGE].max()
+            bar.update(storage.nbytes())

@@ -154,6 +154,21 @@ def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypa
         assert packed.weight.dim() == 4 and torch.equal(packed(x), blocks)
 
 
+def test_loading_work_shows_progress_on_a_terminal_only(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        prepare_for_inference(sambay.load_model(GOLDEN), "int8")
+        out = stream.getvalue()
+        for bar in ("quantizing to int8", "reading weights into memory"):
+            assert (f"{bar}: " in out) == shown, out
+
+
 def test_fast_cpu_matmul_is_true_for_float32():
     from sambay.quant import fast_cpu_matmul
 
