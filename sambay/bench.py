@@ -13,6 +13,7 @@ prints a table for people and one JSON object as its last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -62,6 +63,24 @@ def measure_matmul_flops(n: int = 2048, dtype=torch.float32, repeats: int = 3) -
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def measure_int8_rows_flops(rows: int = 256, n: int = 4096, repeats: int = 3) -> float:
+    """Multiply-add FLOP/s of the native int8 GEMV over many rows, as prefill runs int8 weights
+    (kernels.int8_rows_fast): `rows` activation rows against an n x n int8 matrix, the best of `repeats`."""
+    from .kernels import gemv, tile_int8, tiles_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+    w = tile_int8(w) if tiles_int8() else w
+    scale, x = torch.rand(n, generator=g), torch.randn(rows, n, generator=g)
+    gemv(x, w, scale)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        gemv(x, w, scale)
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * n * n / best
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -206,18 +225,46 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def counting_linear_flops(model):
+    """Counts the multiply-add FLOPs of every linear layer called as a module inside the block: yields
+    a list whose one element grows. Right where a model skips work (SambaY's prefill runs its
+    cross-decoder only where logits are kept), unlike 2 x parameters x tokens. Single decode positions
+    that run as native blocks (kernels.blocks) are not seen: the cross-decoder's one position of a
+    prefill, under 1/tokens of the count."""
+    from .quant import PackedLinear
+
+    total = [0]
+
+    def hook(module, inputs, output):
+        total[0] += 2 * output.numel() * inputs[0].shape[-1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
-def time_prefill(model, n: int, chunk: int, batch: int = 1, seed: int = 0):
+def time_prefill(model, n: int, chunk: int, batch: int = 1, seed: int = 0, flops: list | None = None):
     """Seconds to prefill `batch` rows of `n` random tokens into a fresh state, `chunk` tokens per
-    call (after a short untimed warm-up); returns (seconds, the filled state)."""
+    call (after a short untimed warm-up); returns (seconds, the filled state). flops: a list whose
+    first element gets the linear layers' FLOPs of the timed calls added (counting_linear_flops)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
     state = model.new_state(batch, n)
     model(ids[:, : min(n, 16)], state=model.new_state(batch, n))  # warm-up
-    t = time.perf_counter()
-    for c0 in range(0, n, chunk):
-        model(ids[:, c0:c0 + chunk], state=state, logits_to_keep=1)
-    return time.perf_counter() - t, state
+    with counting_linear_flops(model) if flops is not None else contextlib.nullcontext([0]) as count:
+        t = time.perf_counter()
+        for c0 in range(0, n, chunk):
+            model(ids[:, c0:c0 + chunk], state=state, logits_to_keep=1)
+        sec = time.perf_counter() - t
+    if flops is not None:
+        flops[0] += count[0]
+    return sec, state
 
 
 @torch.no_grad()  # the engine's mode, so the same code path is timed
@@ -227,28 +274,33 @@ def run_prefill(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     if any(n < 1 or n > cfg.max_position_embeddings for n in lengths):
         raise SambayError(f"--lengths must be between 1 and {cfg.max_position_embeddings}")
-    dtype = getattr(torch, args.dtype)
-    compute = dtype if fast_cpu_matmul(dtype) else torch.float32  # what PackedLinear._matmul uses
-    flops_peak = measure_matmul_flops(dtype=compute)
-    params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
+    from .kernels import int8_rows_fast
+
+    if getattr(model, "quantization", None) == "int8" and int8_rows_fast():  # PackedLinear.forward
+        compute, flops_peak = "int8", measure_int8_rows_flops()
+    else:  # what PackedLinear._matmul multiplies in
+        dtype = getattr(torch, args.dtype)
+        compute = str(dtype if fast_cpu_matmul(dtype) else torch.float32).removeprefix("torch.")
+        flops_peak = measure_matmul_flops(dtype=getattr(torch, compute))
     rows = []
     for n in lengths:
-        sec, state = time_prefill(model, n, args.chunk)
-        flops = 2 * params * n  # matmuls; attention adds a little on top
+        count = [0]
+        sec, state = time_prefill(model, n, args.chunk, flops=count)
+        flops = count[0]  # the linear layers'; attention adds a little on top
         rows.append({"tokens": n, "seconds": round(sec, 3), "tokens_per_s": round(n / sec, 1),
                      "gflops": round(flops / sec / 1e9, 1), "state_bytes": state.nbytes()})
         print(f"prefill {n:6d} tokens: {sec:8.2f} s  {n / sec:8.1f} tok/s  {flops / sec / 1e9:7.1f} GFLOP/s  "
               f"state {state.nbytes() / 2**20:8.1f} MiB", file=sys.stderr, flush=True)
     print(_table([("model", getattr(model, "source", "?")), ("matmul peak (measured)",
                                                               f"{flops_peak / 1e9:.1f} GFLOP/s "
-                                                              f"({str(compute).removeprefix('torch.')}, as prefill computes)")]
+                                                              f"({'the int8 GEMV' if compute == 'int8' else compute + ' matmul'}, as prefill computes)")]
                  + [(f"{r['tokens']} tokens", f"{r['seconds']} s, {r['tokens_per_s']} tok/s, "
                                               f"{r['gflops']} GFLOP/s "
                                               f"({100 * r['gflops'] * 1e9 / flops_peak:.0f}% of matmul peak)")
                     for r in rows]))
     print(json.dumps({"bench": "prefill", "model": getattr(model, "source", "?"), "dtype": args.dtype,
                       "quantize": args.quantize or "none", "chunk": args.chunk,
-                      "matmul_dtype": str(compute).removeprefix("torch."),
+                      "matmul_dtype": compute,
                       "matmul_peak_gflops": round(flops_peak / 1e9, 1), "results": rows}))
     return 0
 

@@ -149,6 +149,15 @@ def fast_paths() -> list[str]:
     return list(mod.fast_paths()) if mod is not None else []
 
 
+@functools.cache
+def int8_rows_fast() -> bool:
+    """Whether int8 weights should meet many activation rows (prefill) in the native GEMV too, as
+    llama.cpp's quantized matmuls do: where it multiplies int8 activations (int8-avx2, int8-vnni).
+    On an AVX2 EPYC, a 20480 x 2560 int8 layer took 0.56-0.60 ms per row in it at 16 to 256 rows,
+    against 0.79 (512 rows) to 4.1 ms (17 rows) for dequantizing to float32 and a matmul."""
+    return any(p.startswith("int8-") for p in fast_paths())
+
+
 _EMPTY = torch.empty(0)
 
 

@@ -13,12 +13,29 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A reused buffer of n elements (per thread and dtype, at most MATMUL_BLOCK_ELEMENTS) that prefill
+    dequantizes weights into. Fresh memory costs its page faults at every call: a 20480 x 2560 int8
+    layer took 175 ms to dequantize into new tensors, 22 ms into this one (the whole model: about
+    9 s of each 512-token chunk's 21 s)."""
+    bufs = _scratch_buffers.__dict__
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = None  # let the old one go first
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
 
 def progress(total: int, desc: str, unit: str):
     """A progress bar on stderr for loading work that can take a while (tqdm). It shows only on a
@@ -67,7 +84,8 @@ class PackedLinear(nn.Module):
     """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale).
 
     A few rows (decoding) go through the native GEMV and come out in float32, as packed models keep
-    their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`)."""
+    their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`),
+    except int8 weights where the GEMV multiplies int8 activations (kernels.int8_rows_fast)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -97,14 +115,24 @@ class PackedLinear(nn.Module):
             return None
         return [buf["weight"], kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
 
-    def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        """Output rows r0:r1 (all by default; multiples of 4 for tiled weights) as plain dtype rows."""
+    def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output rows r0:r1 (all by default; multiples of 4 for tiled weights) as plain dtype rows,
+        written into `out` (that many elements) if given: the same values either way."""
         r1 = self.out_features if r1 is None else r1
-        w = self.weight
-        w = kernels.untile_int8(w[r0 // 4:r1 // 4]) if w.dim() == 4 else w[r0:r1]
-        if self.weight_scale is None:
-            return w.to(dtype)
-        return w.to(dtype) * self.weight_scale[r0:r1].to(dtype)[:, None]
+        w, scale = self.weight, self.weight_scale
+        if w.dtype == dtype and scale is None:
+            return w[r0:r1]  # nothing to convert
+        if out is None:
+            w = kernels.untile_int8(w[r0 // 4:r1 // 4]) if w.dim() == 4 else w[r0:r1]
+            return w.to(dtype) if scale is None else w.to(dtype) * scale[r0:r1].to(dtype)[:, None]
+        rows = out.view(r1 - r0, self.in_features)
+        if w.dim() == 4:  # untile while converting: one pass
+            n4, kb, r, c = w.shape
+            rows.view((r1 - r0) // 4, r, kb, c).copy_(w[r0 // 4:r1 // 4].transpose(1, 2))
+        else:
+            rows.copy_(w[r0:r1])
+        return rows if scale is None else rows.mul_(scale[r0:r1].to(dtype)[:, None])
 
     def tile(self) -> None:
         """int8 weights into the 4-row tiles the AVX2 GEMV streams (kernels.tile_int8), where the
@@ -128,7 +156,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS:
+        if x2.shape[0] <= GEMV_MAX_ROWS or (self.weight_scale is not None and kernels.int8_rows_fast()
+                                             and x2.device.type == "cpu"):
             b = self.bias
             if b is None or b.dtype == torch.float32:  # the kernel adds a float32 bias itself
                 y = kernels.gemv(x2, self.weight, self.weight_scale, bias=b)
@@ -151,7 +180,8 @@ class PackedLinear(nn.Module):
         for r0 in range(0, self.out_features, step):
             r1 = min(self.out_features, r0 + step)
             bias = None if self.bias is None else self.bias[r0:r1].to(dt)
-            outs.append(F.linear(x2, self.dequantized(dt, r0, r1), bias))
+            w = self.dequantized(dt, r0, r1, out=_scratch(dt, (r1 - r0) * self.in_features))
+            outs.append(F.linear(x2, w, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ Speed itself is not asserted here (the machine is shared and noisy); the benchma
 import json
 
 import pytest
+import torch
 
 import sambay
 from sambay.cli import main
@@ -58,6 +59,29 @@ def test_bench_prefill_reports_each_length(capsys):
     r = last_json(capsys)
     assert r["bench"] == "prefill"
     assert [row["tokens"] for row in r["results"]] == [16, 64]
+
+
+@torch.no_grad()
+def test_prefill_flops_are_counted_per_linear_call():
+    """The FLOPs bench prefill reports: every linear call's 2 x rows x in x out, so SambaY's
+    cross-decoder (run only where logits are kept) does not count for every token."""
+    from sambay.bench import time_prefill
+    from sambay.config import KV_ATTENTION
+    from sambay.quant import PackedLinear, prepare_for_inference
+
+    model = prepare_for_inference(sambay.load_model("tiny", random_weights=True))  # as the bench runs it
+    n, count = 24, [0]
+    time_prefill(model, n, chunk=n, flops=count)
+
+    def size(modules):
+        return sum(m.in_features * m.out_features for layer in modules for m in layer.modules()
+                   if isinstance(m, PackedLinear))
+
+    layers = list(model.model.layers)
+    split = model.config.layer_kinds.index(KV_ATTENTION) + 1  # the self-decoder; then the cross-decoder
+    # the cross-decoder's one position runs as native decode blocks, which no hook sees
+    assert count[0] == 2 * (n * size(layers[:split]) + size([model.lm_head]))
+    assert size(layers[split:]) < size(layers[:split])  # so it is missed by less than 1/n of the count
 
 
 def test_bench_rejects_bad_arguments(capsys):

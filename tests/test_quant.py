@@ -16,7 +16,7 @@ GOLDEN = "tests/data/golden/phi4flash-tiny"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 16, 40])  # 40: a prefill of int8 weights (int8_rows_fast)
 @pytest.mark.parametrize("K", [160, 1027, 2560, 10240])
 def test_gemv_equals_reference(dtype, M, K):
     g = torch.Generator().manual_seed(M * K)
@@ -131,8 +131,8 @@ def test_packed_linear_matches_nn_linear(rows):
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("fast_bf16", [False, True])
 def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypatch):
-    """Prefill rows: dequantize, then matmul, in bf16 where the CPU multiplies it fast, otherwise in
-    float32; a large weight in blocks of rows (a multiple of 4, tiled or not) gives the same result."""
+    """The prefill matmul: dequantize, then matmul, in bf16 where the CPU multiplies it fast, otherwise
+    in float32; a large weight in blocks of rows (a multiple of 4, tiled or not) gives the same result."""
     from sambay import quant
 
     monkeypatch.setattr(quant, "fast_cpu_matmul", lambda dt: fast_bf16 or dt == torch.float32)
@@ -143,15 +143,21 @@ def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypa
     dt = torch.bfloat16 if fast_bf16 else torch.float32
     w = packed.weight.to(dt) * (packed.weight_scale.to(dt)[:, None] if int8 else 1)
     want = torch.nn.functional.linear(x.to(dt), w, packed.bias.to(dt))
-    one = packed(x)
+    one = packed._matmul(x)
     assert one.dtype == dt
     torch.testing.assert_close(one, want)  # the dtype's default tolerance (bf16: the scale's rounding)
     monkeypatch.setattr(quant, "MATMUL_BLOCK_ELEMENTS", 128 * 10)  # blocks of 8 rows: 13 blocks, the last of 4
-    blocks = packed(x)
+    blocks = packed._matmul(x)
     torch.testing.assert_close(blocks, one, rtol=1e-6, atol=1e-6)  # BLAS may round a narrower product apart
     if int8 and kernels.tiles_int8():
         packed.tile()
-        assert packed.weight.dim() == 4 and torch.equal(packed(x), blocks)
+        assert packed.weight.dim() == 4 and torch.equal(packed._matmul(x), blocks)
+    many = packed(x)  # what a prefill of 40 rows runs: int8 weights meet int8 activations where fast
+    if int8 and kernels.int8_rows_fast():
+        assert torch.equal(many, kernels.gemv(x, packed.weight, packed.weight_scale, bias=packed.bias))
+        assert (many - want.float()).norm() / want.float().norm() < 0.01
+    else:
+        assert torch.equal(many, packed._matmul(x))
 
 
 def test_loading_work_shows_progress_on_a_terminal_only(monkeypatch):
@@ -194,13 +200,14 @@ def test_packed_model_equals_reference_model(model):
 
 @torch.no_grad()
 def test_int8_model_within_stated_tolerance_and_round_trips(model, tmp_path):
-    """Stated tolerance: int8 logits within 5% (prefill) / 8% (decode) relative (norm) of float32 on
-    the tiny golden model, whose random weights are harsher on 8-bit rounding than trained ones,
-    and the same greedy tokens for most steps."""
+    """Stated tolerance: int8 logits within 8% relative (norm) of float32 where the activations are
+    rounded to int8 too (the native int8 GEMV: decode, and prefill where kernels.int8_rows_fast),
+    5% where a prefill dequantizes to a float32 matmul, on the tiny golden model, whose random
+    weights are harsher on 8-bit rounding than trained ones; and the same greedy tokens for most steps."""
     ids = torch.randint(0, 511, (2, 24), generator=torch.Generator().manual_seed(2))
     q = quantize_model(copy.deepcopy(model))
     ref, out = model(ids), q(ids)
-    assert (out - ref).norm() / ref.norm() < 0.05
+    assert (out - ref).norm() / ref.norm() < (0.08 if kernels.int8_rows_fast() else 0.05)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
     # decode path (int8 GEMV, activations also rounded to int8 per 64 values): within 8%; this
     # tiny random model (64-wide) is the harshest case, trained wider models do far better
