@@ -48,6 +48,10 @@ def progress(total: int, desc: str, unit: str):
 
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
+# bf16 weights without a fast bf16 matmul: up to this many rows, the GEMV (float32 activations) beats
+# converting the weights to float32 for a matmul (a 20480 x 2560 layer on an AVX2 EPYC, ms per row:
+# 1.8 against 2.9 at 32 rows, 1.8 against 1.7 at 64).
+GEMV_CONVERT_MAX_ROWS = 48
 # A prefill matmul dequantizes at most this many weights at a time (a float32 block of 256 MB).
 MATMUL_BLOCK_ELEMENTS = 64 * 2**20
 
@@ -84,8 +88,8 @@ class PackedLinear(nn.Module):
     """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale).
 
     A few rows (decoding) go through the native GEMV and come out in float32, as packed models keep
-    their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`),
-    except int8 weights where the GEMV multiplies int8 activations (kernels.int8_rows_fast)."""
+    their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`)
+    unless the GEMV is faster for them (`_gemv_for`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -156,8 +160,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS or (self.weight_scale is not None and kernels.int8_rows_fast()
-                                             and x2.device.type == "cpu"):
+        if x2.shape[0] <= GEMV_MAX_ROWS or self._gemv_for(x2):
             b = self.bias
             if b is None or b.dtype == torch.float32:  # the kernel adds a float32 bias itself
                 y = kernels.gemv(x2, self.weight, self.weight_scale, bias=b)
@@ -166,6 +169,16 @@ class PackedLinear(nn.Module):
         else:
             y = self._matmul(x2)
         return y.reshape(*lead, self.out_features)
+
+    def _gemv_for(self, x2: torch.Tensor) -> bool:
+        """Whether more than GEMV_MAX_ROWS rows (a prefill) are still faster in the native GEMV."""
+        if x2.device.type != "cpu":
+            return False
+        if self.weight_scale is not None:  # int8: where the GEMV multiplies int8 activations
+            return kernels.int8_rows_fast()
+        # bf16 weights that the matmul would first convert to float32 (no fast bf16 matmul here)
+        return (x2.shape[0] <= GEMV_CONVERT_MAX_ROWS and self.weight.dtype != torch.float32
+                and not fast_cpu_matmul(self.weight.dtype))
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows (prefill): dequantize, then one matmul, in out_dtype where this CPU multiplies

@@ -152,12 +152,17 @@ def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypa
     if int8 and kernels.tiles_int8():
         packed.tile()
         assert packed.weight.dim() == 4 and torch.equal(packed._matmul(x), blocks)
-    many = packed(x)  # what a prefill of 40 rows runs: int8 weights meet int8 activations where fast
-    if int8 and kernels.int8_rows_fast():
+    # What a prefill of 40 rows runs: the GEMV for int8 weights where it multiplies int8 activations,
+    # and for bf16 weights that a matmul would first convert (up to GEMV_CONVERT_MAX_ROWS rows).
+    many = packed(x)
+    if (kernels.int8_rows_fast() if int8 else not fast_bf16):
         assert torch.equal(many, kernels.gemv(x, packed.weight, packed.weight_scale, bias=packed.bias))
         assert (many - want.float()).norm() / want.float().norm() < 0.01
     else:
         assert torch.equal(many, packed._matmul(x))
+    if not int8:
+        x = torch.randn(quant.GEMV_CONVERT_MAX_ROWS + 1, 128)
+        assert torch.equal(packed(x), packed._matmul(x))
 
 
 def test_loading_work_shows_progress_on_a_terminal_only(monkeypatch):
