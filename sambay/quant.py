@@ -21,31 +21,6 @@ from torch import nn
 
 from . import kernels
 
-_scratch_buffers = threading.local()
-
-
-def _scratch(dtype: torch.dtype, n: int) -> torch.Tensor:
-    """A reused buffer of n elements (per thread and dtype, at most MATMUL_BLOCK_ELEMENTS) that prefill
-    dequantizes weights into. Fresh memory costs its page faults at every call: a 20480 x 2560 int8
-    layer took 175 ms to dequantize into new tensors, 22 ms into this one (the whole model: about
-    9 s of each 512-token chunk's 21 s)."""
-    bufs = _scratch_buffers.__dict__
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = None  # let the old one go first
-        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
-    return buf[:n]
-
-
-def progress(total: int, desc: str, unit: str):
-    """A progress bar on stderr for loading work that can take a while (tqdm). It shows only on a
-    terminal, and is cleared when done: the front-ends' "loaded in" line follows it."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
-                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True, mininterval=0.5)
-
-
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
 # bf16 weights without a fast bf16 matmul: up to this many rows, the GEMV (float32 activations) beats
@@ -69,7 +44,34 @@ def fast_cpu_matmul(dtype: torch.dtype) -> bool:
         return bool(getattr(torch.ops.mkldnn, check)()) if check else False
     except (AttributeError, RuntimeError):
         return False
+
+
 QUANT_METHOD = "sambay-int8"
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A reused buffer of n elements (per thread and dtype, at most MATMUL_BLOCK_ELEMENTS) that prefill
+    dequantizes weights into. Fresh memory costs its page faults at every call: a 20480 x 2560 int8
+    layer took 175 ms to dequantize into new tensors, 22 ms into this one (the whole model: about
+    9 s of each 512-token chunk's 21 s)."""
+    bufs = _scratch_buffers.__dict__
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = None  # let the old one go first
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def progress(total: int, desc: str, unit: str):
+    """A progress bar on stderr for loading work that can take a while (tqdm). It shows only on a
+    terminal, and is cleared when done: the front-ends' "loaded in" line follows it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
