@@ -124,14 +124,13 @@ class PackedLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Output rows r0:r1 (all by default; multiples of 4 for tiled weights) as plain dtype rows,
-        written into `out` (that many elements) if given: the same values either way."""
+        written into `out` (that many elements) if given, else into a new tensor."""
         r1 = self.out_features if r1 is None else r1
         w, scale = self.weight, self.weight_scale
         if w.dtype == dtype and scale is None:
             return w[r0:r1]  # nothing to convert
         if out is None:
-            w = kernels.untile_int8(w[r0 // 4:r1 // 4]) if w.dim() == 4 else w[r0:r1]
-            return w.to(dtype) if scale is None else w.to(dtype) * scale[r0:r1].to(dtype)[:, None]
+            out = torch.empty((r1 - r0) * self.in_features, dtype=dtype, device=w.device)
         rows = out.view(r1 - r0, self.in_features)
         if w.dim() == 4:  # untile while converting: one pass
             n4, kb, r, c = w.shape
