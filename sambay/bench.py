@@ -53,16 +53,21 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 PROBE_BYTES = 512 * 2**20  # far beyond any cache; about 20 ms to read
 
 
-def measure_matmul_flops(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
-    """FLOP/s of one n x n matmul in `dtype` (the best of `repeats`)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return best
+
+
+def measure_matmul_flops(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
+    """FLOP/s of one n x n matmul in `dtype` (the best of `repeats`)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / _best_seconds(lambda: a @ b, repeats)
 
 
 def measure_int8_rows_flops(rows: int = 256, n: int = 4096, repeats: int = 3) -> float:
@@ -74,13 +79,7 @@ def measure_int8_rows_flops(rows: int = 256, n: int = 4096, repeats: int = 3) ->
     w = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
     w = tile_int8(w) if tiles_int8() else w
     scale, x = torch.rand(n, generator=g), torch.randn(rows, n, generator=g)
-    gemv(x, w, scale)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        gemv(x, w, scale)
-        best = min(best, time.perf_counter() - t)
-    return 2 * rows * n * n / best
+    return 2 * rows * n * n / _best_seconds(lambda: gemv(x, w, scale), repeats)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -226,15 +225,13 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def counting_linear_flops(model):
-    """Counts the multiply-add FLOPs of every linear layer called as a module inside the block: yields
-    a list whose one element grows. Right where a model skips work (SambaY's prefill runs its
+def counting_linear_flops(model, total: list):
+    """Adds to total[0] the multiply-add FLOPs of every linear layer called as a module inside the
+    block. Right where a model skips work (SambaY's prefill runs its
     cross-decoder only where logits are kept), unlike 2 x parameters x tokens. Single decode positions
     that run as native blocks (kernels.blocks) are not seen: the cross-decoder's one position of a
     prefill, under 1/tokens of the count."""
     from .quant import PackedLinear
-
-    total = [0]
 
     def hook(module, inputs, output):
         total[0] += 2 * output.numel() * inputs[0].shape[-1]
@@ -242,7 +239,7 @@ def counting_linear_flops(model):
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (torch.nn.Linear, PackedLinear))]
     try:
-        yield total
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -257,14 +254,11 @@ def time_prefill(model, n: int, chunk: int, batch: int = 1, seed: int = 0, flops
     ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
     state = model.new_state(batch, n)
     model(ids[:, : min(n, 16)], state=model.new_state(batch, n))  # warm-up
-    with counting_linear_flops(model) if flops is not None else contextlib.nullcontext([0]) as count:
+    with counting_linear_flops(model, flops) if flops is not None else contextlib.nullcontext():
         t = time.perf_counter()
         for c0 in range(0, n, chunk):
             model(ids[:, c0:c0 + chunk], state=state, logits_to_keep=1)
-        sec = time.perf_counter() - t
-    if flops is not None:
-        flops[0] += count[0]
-    return sec, state
+        return time.perf_counter() - t, state
 
 
 @torch.no_grad()  # the engine's mode, so the same code path is timed
