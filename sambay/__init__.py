@@ -5,20 +5,20 @@
     tok = sambay.load_tokenizer("path/to/Phi-4-mini-flash-reasoning")
 """
 
-from .checkpoint import load_model, save_model
-from .config import PRESETS, Phi3Config, SambaYConfig, load_config, preset
-from .errors import SambayError
-from .engine import Engine, generate, stream
-from .model import CausalLM, DecodeState, SambaY, build_model
-from .transformer import Phi3
-from .sampling import SamplingParams
+from sambay.runtime.checkpoint import load_model, save_model
+from sambay.models.config import PRESETS, Phi3Config, SambaYConfig, load_config, preset
+from sambay.errors import SambayError
+from sambay.runtime.engine import Engine, generate, stream
+from sambay.models.sambay import CausalLM, DecodeState, SambaY, build_model
+from sambay.models.phi3 import Phi3
+from sambay.runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 
 def load_tokenizer(path=None):
     """Load the tokenizer of a model folder (see sambay.tokenizer.load_tokenizer)."""
-    from .tokenizer import load_tokenizer as _load
+    from sambay.tokenizer import load_tokenizer as _load
 
     return _load(path)
 

@@ -94,7 +94,7 @@ def main() -> int:
 
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sambay = [sys.executable, "-m", "sambay.cli", "--threads", str(args.threads)]
+    sambay = [sys.executable, "-m", "sambay", "--threads", str(args.threads)]
     start = time.time()
 
     corpus = out / "train.jsonl"

@@ -65,9 +65,9 @@ def test_bench_prefill_reports_each_length(capsys):
 def test_prefill_flops_are_counted_per_linear_call():
     """The FLOPs bench prefill reports: every linear call's 2 x rows x in x out, so SambaY's
     cross-decoder (run only where logits are kept) does not count for every token."""
-    from sambay.bench import time_prefill
-    from sambay.config import KV_ATTENTION
-    from sambay.quant import PackedLinear, prepare_for_inference
+    from sambay.bench.decode import time_prefill
+    from sambay.models.config import KV_ATTENTION
+    from sambay.kernels.linear import PackedLinear, prepare_for_inference
 
     model = prepare_for_inference(sambay.load_model("tiny", random_weights=True))  # as the bench runs it
     n, count = 24, [0]

@@ -192,7 +192,7 @@ def test_cli_info_on_folder_and_preset(capsys):
     out = capsys.readouterr().out
     assert "588,608" in out and "MSMSMA|GX" in out and "kernels" not in out
     assert main(["info", "--model", str(GOLDEN), "--kernels"]) == 0
-    from sambay import kernels
+    from sambay.kernels import native as kernels
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("kernels"))
     assert kernels.native_status() in line and all(p in line for p in kernels.fast_paths())
     assert f"on {torch.get_num_threads()} thread(s)" in line

@@ -1,4 +1,4 @@
-"""Tests of sambay.data (token shards, the batch sampler, `sambay prepare`) and sambay.corpus (built-in corpus)."""
+"""Tests of sambay.train.data (token shards, the batch sampler, `sambay prepare`) and sambay.train.corpus (built-in corpus)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from sambay import corpus as scorpus
-from sambay import data
-from sambay.corpus import builtin_corpus, clean_play_markdown
-from sambay.data import TokenDataset, prepare, token_dtype
+from sambay.train import corpus as scorpus
+from sambay.train import data
+from sambay.train.corpus import builtin_corpus, clean_play_markdown
+from sambay.train.data import TokenDataset, prepare, token_dtype
 from sambay.errors import SambayError
 
 

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import sambay
-from sambay import sampling
-from sambay.engine import Engine, StopStrings, generate, stream
-from sambay.sampling import (SamplingParams, TokenCounts, apply_penalties, filter_mask, filter_mask_ref,
+from sambay.runtime import sampling
+from sambay.runtime.engine import Engine, StopStrings, generate, stream
+from sambay.runtime.sampling import (SamplingParams, TokenCounts, apply_penalties, filter_mask, filter_mask_ref,
                              sample)
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"

@@ -13,9 +13,9 @@ import sambay
 from sambay.cli import main
 from sambay.errors import SambayError
 from sambay.evals import math_eval, needle, phonebook, retrieval
-from sambay.evals.cli import _fit_budget, parse_depths, parse_lengths
+from sambay.cli.eval import _fit_budget, parse_depths, parse_lengths
 from sambay.evals.generation import engine_generate, first_line
-from sambay.sampling import SamplingParams
+from sambay.runtime.sampling import SamplingParams
 
 ENTRY = re.compile(r"^[A-Z][a-z]+ [A-Z][A-Za-z]+: [6-9][0-9]{9}$")
 

@@ -13,12 +13,12 @@ import torch
 
 import sambay
 from sambay.cli import build_parser, main
-from sambay.engine import Engine
-from sambay.generate_cli import sampling_params
+from sambay.runtime.engine import Engine
+from sambay.cli.generate import sampling_params
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "SAMBAY_THREADS": "1"}
-CMD = [sys.executable, "-m", "sambay.cli", "--threads", "1"]
+CMD = [sys.executable, "-m", "sambay", "--threads", "1"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +47,7 @@ def loaded(folder):
 
 def reply(loaded, messages_or_text, max_new_tokens, chat=True):
     """What the commands should print, computed in-process (greedy, so deterministic)."""
-    from sambay.sampling import SamplingParams
+    from sambay.runtime.sampling import SamplingParams
 
     model, tok = loaded
     prompt = tok.apply_chat_template(messages_or_text) if chat else messages_or_text
@@ -141,7 +141,7 @@ def test_quantize_flag(folder, capsys):
     code = main(["generate", "Hi", "--model", str(folder), "--max-new-tokens", "3", "--quantize", "int8"])
     out, err = capsys.readouterr()
     try:
-        import sambay.quant  # noqa: F401  (written separately; until then the flag must fail cleanly)
+        import sambay.kernels.linear  # noqa: F401  (written separately; until then the flag must fail cleanly)
     except ModuleNotFoundError:
         assert code == 2 and "--quantize int8 is not available" in err
     else:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sambay
-from sambay.config import SambaYConfig
+from sambay.models.config import SambaYConfig
 
 
 def random_model(name="tiny", dtype=torch.float32, seed=0, **changes):

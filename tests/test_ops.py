@@ -46,7 +46,7 @@ def test_decode_steps_equal_reference():
 @torch.no_grad()
 @pytest.mark.parametrize("n", [16, 5])  # vector lanes only; a scalar tail
 def test_native_decode_step_equals_reference(n):
-    from sambay import kernels
+    from sambay.kernels import native as kernels
 
     x, dt, A, Bm, Cm, D, s0 = scan_inputs(B=3, T=30, e=300, n=n)
     dt[0, 3, :7] = 40.0  # decays that underflow to 0
@@ -183,7 +183,7 @@ def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, ma
     """softmax(q1.k1) V - lam softmax(q2.k2) V from one pass over V (the native kernel) equals the
     two groups' attention computed apart and subtracted; V as rows or in column blocks (the decode
     state's layout: 32 wide where dv allows, else 2 blocks, which takes the scalar path)."""
-    from sambay import kernels
+    from sambay.kernels import native as kernels
 
     g = torch.Generator().manual_seed(2)
     B, Hk, lam = 2, 3, 0.37
@@ -210,7 +210,7 @@ def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
     first compile); the next process must load the kernels, not wait for that file forever."""
     import shutil
 
-    from sambay import kernels
+    from sambay.kernels import native as kernels
 
     if kernels._load() is None:
         pytest.skip(kernels.native_status())
@@ -218,7 +218,7 @@ def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
     (tmp_path / "kernels" / "lock").touch()
     env = {**os.environ, "SAMBAY_CACHE": str(tmp_path)}
     try:
-        out = subprocess.run([sys.executable, "-c", "from sambay import kernels; print(kernels.native_status())"],
+        out = subprocess.run([sys.executable, "-c", "from sambay.kernels import native as kernels; print(kernels.native_status())"],
                              capture_output=True, text=True, env=env, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the kernels' load waited on a stale build lock")
@@ -232,7 +232,7 @@ def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
 def native(monkeypatch):
     """Names of the native glue functions called during the test (so a silent fallback to the
     PyTorch twin, which would compare the reference with itself, fails the test)."""
-    from sambay import kernels
+    from sambay.kernels import native as kernels
 
     with torch.no_grad():
         mod, called = kernels.glue(), set()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sambay
-from sambay import kernels
-from sambay.quant import PackedLinear, pack_model, prepare_for_inference, quantize_int8, quantize_model
+from sambay.kernels import native as kernels
+from sambay.kernels.linear import PackedLinear, pack_model, prepare_for_inference, quantize_int8, quantize_model
 
 GOLDEN = "tests/data/golden/phi4flash-tiny"
 
@@ -101,7 +101,7 @@ def test_native_kernels_use_torchs_threads():
 
 
 def test_fallback_without_native_kernels_gives_same_results():
-    code = ("import torch; from sambay import kernels; torch.manual_seed(0); "
+    code = ("import torch; from sambay.kernels import native as kernels; torch.manual_seed(0); "
             "x=torch.randn(2,64); w=torch.randint(-127,127,(8,64),dtype=torch.int8); s=torch.rand(8); "
             "print(kernels.native_status()); print(torch.allclose(kernels.gemv(x,w,s), kernels.gemv_ref(x,w,s)))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SAMBAY_NATIVE": "0"},
@@ -133,7 +133,7 @@ def test_packed_linear_matches_nn_linear(rows):
 def test_prefill_matmul_in_blocks_equals_the_reference(int8, fast_bf16, monkeypatch):
     """The prefill matmul: dequantize, then matmul, in bf16 where the CPU multiplies it fast, otherwise
     in float32; a large weight in blocks of rows (a multiple of 4, tiled or not) gives the same result."""
-    from sambay import quant
+    from sambay.kernels import linear as quant
 
     monkeypatch.setattr(quant, "fast_cpu_matmul", lambda dt: fast_bf16 or dt == torch.float32)
     lin = torch.nn.Linear(128, 100, bias=True).to(torch.bfloat16)
@@ -181,7 +181,7 @@ def test_loading_work_shows_progress_on_a_terminal_only(monkeypatch):
 
 
 def test_fast_cpu_matmul_is_true_for_float32():
-    from sambay.quant import fast_cpu_matmul
+    from sambay.kernels.linear import fast_cpu_matmul
 
     assert fast_cpu_matmul(torch.float32) and isinstance(fast_cpu_matmul(torch.bfloat16), bool)
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import sambay
-from sambay.bench import spawn, wait_ready
+from sambay.bench.decode import spawn, wait_ready
 
 VOCAB = 512
 STOP_IDS = [0, 4]  # <|endoftext|> (the config's eos) and <|end|> (the end of a chat turn)
@@ -199,13 +199,13 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(folder):
     """The same checkpoint in-process, prepared as the server prepares it."""
-    from sambay.quant import prepare_for_inference
+    from sambay.kernels.linear import prepare_for_inference
 
     return prepare_for_inference(sambay.load_model(folder)), sambay.load_tokenizer(folder)
 
 
 def greedy(reference, prompt_ids: list[int], max_tokens: int) -> tuple[str, int, str]:
-    """(text, completion tokens, finish_reason) of sambay.engine.generate on the same ids."""
+    """(text, completion tokens, finish_reason) of sambay.runtime.engine.generate on the same ids."""
     model, tok = reference
     out = sambay.generate(model, torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
                           stop_token_ids=STOP_IDS)[0].tolist()
@@ -698,7 +698,7 @@ def test_help_shows_every_environment_twin(monkeypatch, capsys):
 
 
 def test_sampling_params_mapping():
-    from sambay.protocol import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
+    from sambay.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
 
     info = ModelInfo(tokenizer=None, vocab_size=VOCAB, max_model_len=100, max_tokens=50, stop_ids=[0, 4],
                      defaults={"temperature": 0.6, "top_p": 0.95})
@@ -714,7 +714,7 @@ def test_sampling_params_mapping():
 
 
 def test_startup_errors_are_one_line(folder, tmp_path, capsys):
-    from sambay.checkpoint import DEFAULT_MODEL_DIR
+    from sambay.runtime.checkpoint import DEFAULT_MODEL_DIR
     from sambay.cli import main
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2

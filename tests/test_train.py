@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import sambay
-from sambay import data as sdata
-from sambay.corpus import builtin_corpus
+from sambay.train import data as sdata
+from sambay.train.corpus import builtin_corpus
 from sambay.errors import SambayError
-from sambay.train import TrainSettings, decays, learning_rate, parameter_groups, plan_run, train
-from sambay.train_log import Progress
+from sambay.train.trainer import TrainSettings, decays, learning_rate, parameter_groups, plan_run, train
+from sambay.train.log import Progress
 
 # Public-domain prose (Dickens 1859, Austen 1813, Lincoln 1863), used when the built-in corpus
 # packages are not installed.
@@ -88,7 +88,7 @@ def prepare_corpus(out: Path, vocab: int = 512) -> Path:
 
 
 def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "sambay.cli", "--threads", "1", *args]
+    cmd = [sys.executable, "-m", "sambay", "--threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr}")
@@ -230,7 +230,7 @@ def test_sigterm_then_resume_matches(baseline, corpus, tmp_path):
     _, want_train, _ = baseline
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "sambay.cli", "--threads", "1", "train", *CLI_FLAGS,
+    proc = subprocess.Popen([sys.executable, "-m", "sambay", "--threads", "1", "train", *CLI_FLAGS,
                              "--data", str(corpus), "--out", str(out), "--save-every", "1000"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -258,7 +258,7 @@ def test_kill_9_then_resume_matches(baseline, corpus, tmp_path):
     _, want_train, want_val = baseline
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "sambay.cli", "--threads", "1", "train", *CLI_FLAGS,
+    proc = subprocess.Popen([sys.executable, "-m", "sambay", "--threads", "1", "train", *CLI_FLAGS,
                              "--data", str(corpus), "--out", str(out), "--save-every", "5"],
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -368,7 +368,7 @@ def test_resume_of_finished_run_only_reexports(baseline, corpus):
 
 def test_bf16_autocast_accumulation_without_eval(corpus, tmp_path, one_thread, monkeypatch, capsys):
     common = dict(steps=2, batch_size=2, seq_len=32, grad_accum=2, warmup=0, eval_every=0, save_every=0)
-    monkeypatch.setattr("sambay.train.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("sambay.train.trainer.cpu_has_native_bf16", lambda: False)
     fp32 = train(corpus, tmp_path / "fp32", sambay.preset("tiny"), quiet=True, **common)
     assert "no bf16 arithmetic" not in capsys.readouterr().err  # only said when bf16 is asked for
     bf16 = train(corpus, tmp_path / "bf16", sambay.preset("tiny"), quiet=True, bf16=True, **common)

@@ -30,7 +30,7 @@ FLAGS = ["--preset", "tiny", "--steps", str(STEPS), "--seq-len", "32", "--grad-a
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "sambay.cli", *args]
+            "-m", "sambay", *args]
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 
 import sambay
 from sambay.cli import main
-from sambay.config import Phi3Config, load_config, preset
-from sambay.quant import prepare_for_inference
+from sambay.models.config import Phi3Config, load_config, preset
+from sambay.kernels.linear import prepare_for_inference
 
 transformers = pytest.importorskip("transformers")
 

@@ -35,9 +35,9 @@ from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SambayError
-from ..sampling import SamplingParams
-from .generation import GenerateFn
+from sambay.errors import SambayError
+from sambay.runtime.sampling import SamplingParams
+from sambay.evals.generation import GenerateFn
 
 INSTRUCTION = r"Please reason step by step, and put your final answer within \boxed{}."
 DEFAULT_SAMPLES = 8  # the card's count for Math500 / GPQA; AIME uses 64

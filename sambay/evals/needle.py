@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .generation import first_line
-from .retrieval import Sample, fit_to_budget
+from sambay.evals.generation import first_line
+from sambay.evals.retrieval import Sample, fit_to_budget
 
 INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
          "I will quiz you about the numbers afterwards.")

@@ -29,8 +29,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from .generation import first_line
-from .retrieval import Sample, fit_to_budget
+from sambay.evals.generation import first_line
+from sambay.evals.retrieval import Sample, fit_to_budget
 
 NAMES_FILE = Path(__file__).with_name("names.txt")
 MIN_TOKENS_PER_ENTRY = 3  # name, separator, digits: bounds how many entries a budget can hold

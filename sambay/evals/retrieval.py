@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import SambayError
-from ..sampling import SamplingParams
-from .generation import GenerateFn
+from sambay.errors import SambayError
+from sambay.runtime.sampling import SamplingParams
+from sambay.evals.generation import GenerateFn
 
 
 @dataclass

@@ -1,0 +1,518 @@
+"""Generation: a request-level engine over one preallocated decode state, and the helpers on top.
+
+    engine = Engine(model, max_batch_size=4)
+    req = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))  # prefills its row
+    while engine.num_active:
+        for ev in engine.step():  # one batched decode call for every active request
+            print(ev.request_id, ev.token_id, ev.finish_reason)
+
+The engine works on token ids only; text (incremental detokenizing, stop strings) is the thin
+`TextStream` layer, which needs a tokenizer. `generate()` is the batch API on ids.
+
+How the decode state is used. Each request owns one row ("slot") of the state. A new request is
+prefilled alone through `state.rows(slot)`, in chunks of `prefill_chunk` tokens, so ragged prompts
+waste nothing on padding and a long prompt never needs more than one chunk's activations. The
+active requests always sit in rows 0..n-1: when one finishes, the last active row is moved into
+its place, so every decode step is one call on `state.rows(slice(0, n))` and finished requests
+cost nothing. Rows may sit at different lengths: positions are kept per row (SambaY has no
+positional encoding; the Phi3 baseline rotates each row by its own positions), so this is exact.
+
+A step samples every active request's next token from the logits it holds, reports it, and feeds
+the tokens of the requests that go on through the model in one call. A request that ends is never
+fed its last token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sambay.errors import SambayError
+from sambay.runtime.sampling import SamplingParams, TokenCounts, sample, token_logprobs
+
+PREFILL_CHUNK = 512
+
+
+def default_stop_ids(model) -> list[int]:
+    """The model's end-of-sequence ids: generation_config.json's eos_token_id, else config.json's."""
+    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    if eos is None:
+        return list(model.config.eos_token_ids)
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def pad_id(model) -> int:
+    cfg = model.config
+    if cfg.pad_token_id is not None:
+        return int(cfg.pad_token_id)
+    stops = default_stop_ids(model)
+    return stops[0] if stops else 0
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
+    limit = model.config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise SambayError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                          f"{prompt_len + max_new_tokens} tokens exceeds the model's context of "
+                          f"{limit}; shorten the prompt or lower max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, events, stats
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """Timing of one request (or of a whole batch in `generate`)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok | generated {self.generated_tokens} tok | "
+                f"prefill {self.prefill_tokens_per_second:.1f} tok/s | "
+                f"decode {self.decode_tokens_per_second:.1f} tok/s")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+                "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+@dataclass
+class Event:
+    """One generated token of one request. `finished` is set on the request's last event;
+    finish_reason is "stop" (a stop id, or a stop string found by the text layer) or "length"."""
+
+    request_id: Any
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    """One request's bookkeeping. finish_reason: None while running, then "stop", "length" or
+    "cancelled". `slot` is its row in the engine's state (-1 once it left)."""
+
+    request_id: Any
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    counts: TokenCounts | None
+    slot: int = -1
+    logits: torch.Tensor | None = None  # (V,) logits for the next token
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Runs requests on one model, batching their decode steps over a preallocated state.
+
+    max_batch_size: rows of the state (requests decoded together). max_length: tokens per row
+    (prompt + output); None sizes the state on the first request and grows it later whenever the
+    engine is idle and a request needs more, up to the model's context. prefill_chunk: prompt
+    tokens per prefill call. A scheduler drives it with add_request / step / cancel.
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 1, max_length: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if max_batch_size < 1:
+            raise SambayError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_length is not None and max_length > model.config.max_position_embeddings:
+            raise SambayError(f"max_length {max_length} is beyond the model's context of "
+                              f"{model.config.max_position_embeddings} tokens")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_length = max_length
+        self.prefill_chunk = prefill_chunk
+        self.stop_ids = default_stop_ids(model)
+        self.state = None if max_length is None else model.new_state(max_batch_size, max_length)
+        self.active: list[Request] = []  # active[i] sits in row i of the state
+        self._ids = itertools.count()
+
+    # ---- scheduler API ---------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self.active)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.active)
+
+    @torch.no_grad()
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
+                    request_id: Any = None) -> Request:
+        """Prefill a new request into a free row; its first token comes with the next step()."""
+        params = (params or SamplingParams()).validate()
+        prompt = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        if not prompt:
+            raise SambayError("the prompt is empty; generation needs at least one prompt token")
+        V = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise SambayError(f"prompt token ids must be in [0, {V}), got {min(prompt)}..{max(prompt)}")
+        if request_id is not None and any(r.request_id == request_id for r in self.active):
+            raise SambayError(f"request id {request_id!r} is already active; give each request its own id")
+        if not self.free_slots:
+            raise SambayError(f"the engine is full ({self.max_batch_size} active requests); wait for "
+                              f"one to finish or make the Engine with a larger max_batch_size")
+        check_context(self.model, len(prompt), params.max_new_tokens)
+        self._ensure_capacity(len(prompt) + params.max_new_tokens)
+        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.stop_ids
+        req = Request(request_id=next(self._ids) if request_id is None else request_id,
+                      prompt_ids=prompt, params=params, stop_ids=frozenset(stop_ids),
+                      generator=params.make_generator(),
+                      counts=TokenCounts(V, prompt) if params.penalized else None)
+        req.slot = len(self.active)
+        start = time.perf_counter()
+        row = self.state.rows(req.slot)
+        row.reset()
+        ids = torch.tensor([prompt], dtype=torch.long)
+        whole = getattr(self.model, "prefill_whole", None)  # a family whose result depends on chunking
+        chunk = len(prompt) if whole is not None and whole(len(prompt)) else self.prefill_chunk
+        for i in range(0, len(prompt), chunk):
+            logits = self.model(ids[:, i:i + chunk], state=row)
+        req.logits = logits[0, -1]
+        req.stats.prompt_tokens = len(prompt)
+        req.stats.prefill_seconds = time.perf_counter() - start
+        self.active.append(req)
+        return req
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Sample one token for every active request, then feed those that go on through the model
+        in one batched call. Returns one Event per request that was active."""
+        if not self.active:
+            return []
+        start = time.perf_counter()
+        reqs = list(self.active)
+        logits = torch.stack([r.logits for r in reqs])  # (n, V)
+        ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                     [r.counts for r in reqs])
+        events = []
+        for i, (r, tok) in enumerate(zip(reqs, ids.tolist())):
+            ev = Event(r.request_id, tok)
+            if r.params.logprobs is not None:
+                chosen, top_ids, top_lp = token_logprobs(logits[i:i + 1], ids[i:i + 1], r.params.logprobs)
+                ev.logprob = float(chosen[0])
+                ev.top_logprobs = list(zip(top_ids[0].tolist(), top_lp[0].tolist()))
+            r.output_ids.append(tok)
+            if r.counts is not None:
+                r.counts.add(tok)
+            if tok in r.stop_ids:
+                r.finish_reason = "stop"
+            elif len(r.output_ids) >= r.params.max_new_tokens:
+                r.finish_reason = "length"
+            ev.finished, ev.finish_reason = r.finished, r.finish_reason
+            events.append(ev)
+        for r in reqs:
+            if r.finished:
+                self._release(r)
+        n = len(self.active)
+        if n:
+            tokens = torch.tensor([[r.output_ids[-1]] for r in self.active], dtype=torch.long)
+            out = self.model(tokens, state=self.state.rows(slice(0, n)))  # (n, 1, V)
+            for r, row_logits in zip(self.active, out[:, -1]):
+                r.logits = row_logits
+        elapsed = time.perf_counter() - start
+        for r in reqs:
+            r.stats.generated_tokens = len(r.output_ids)
+            r.stats.decode_seconds += elapsed
+        return events
+
+    def cancel(self, request: Request | Any) -> bool:
+        """Stop a request and free its row. Returns False if it was not active."""
+        for r in self.active:
+            if r is request or r.request_id == request:
+                if r.finish_reason is None:
+                    r.finish_reason = "cancelled"
+                self._release(r)
+                return True
+        return False
+
+    def reset(self) -> None:
+        """Drop every active request."""
+        for r in list(self.active):
+            self.cancel(r)
+
+    # ---- conveniences ----------------------------------------------------------------------------
+    def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+            ) -> list[Request]:
+        """Run `prompts` to completion, at most max_batch_size at a time (a new one joins as soon as
+        a row frees up). Returns the finished requests in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        waiting = list(zip(prompts, params))[::-1]
+        done = []
+        while waiting or self.active:
+            while waiting and self.free_slots:
+                prompt, p = waiting.pop()
+                done.append(self.add_request(prompt, p))
+            self.step()
+        return done
+
+    def stream_text(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> TextStream:
+        """Generate a reply to `prompt` (text, or ids) and iterate over its text as it is decoded.
+        The returned TextStream also has .text, .token_ids, .finish_reason and .stats at the end.
+        It drives the engine itself, so the engine must have no other active request."""
+        if self.tokenizer is None:
+            raise SambayError("stream_text needs a tokenizer; make the Engine with tokenizer=...")
+        if self.active:
+            raise SambayError("stream_text drives the engine alone, but other requests are active; "
+                              "use add_request/step with a TextStream per request instead")
+        params = (params or SamplingParams()).validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.stop_token_ids is None:
+            extra = [i for i in getattr(self.tokenizer, "eos_token_ids", []) if i not in self.stop_ids]
+            params = params.replace(stop_token_ids=self.stop_ids + extra)
+        req = self.add_request(ids, params)
+        return TextStream(self, req, self.tokenizer)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _ensure_capacity(self, need: int) -> None:
+        if self.state is not None and need <= self.state.max_length:
+            return
+        if self.active or self.max_length is not None:
+            have = self.state.max_length
+            raise SambayError(f"the request needs {need} tokens (prompt + max_new_tokens) but the engine's "
+                              f"state holds {have} per request; lower max_new_tokens or make the Engine "
+                              f"with a larger max_length")
+        # Idle and sized on demand: round up so a growing chat does not reallocate every turn.
+        size = min(max(need, 256, 2 * (self.state.max_length if self.state is not None else 0)),
+                   self.model.config.max_position_embeddings)
+        self.state = None  # free the old one first
+        self.state = self.model.new_state(self.max_batch_size, max(size, need))
+
+    def _release(self, req: Request) -> None:
+        """Take `req` out of the batch; the last active row moves into its row."""
+        i = self.active.index(req)
+        last = self.active.pop()
+        if last is not req:
+            self.state.copy_row(last.slot, i)
+            last.slot = i
+            self.active[i] = last
+        req.slot = -1
+        req.logits = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+class StopStrings:
+    """Cuts text at the first stop string, releasing text only when no stop string can still
+    start inside it: a tail that is a prefix of a stop string is held back until it is decided."""
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+class RequestText:
+    """One request's text as its token events arrive: decoded incrementally (never half a UTF-8
+    character), the stop token itself not shown, and cut before the first stop string (after
+    which `stopped` is true and the caller ends the request)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def push(self, ev: Event) -> str:
+        """The text this event adds (may be empty while a stop string is undecided)."""
+        text = "" if ev.finish_reason == "stop" else self.decoder.push(ev.token_id)
+        if ev.finished:
+            text += self.decoder.flush()
+        piece = self.stops.push(text)
+        if ev.finished:
+            piece += self.stops.flush()
+        return piece
+
+
+class TextStream:
+    """Iterate over the text of one request as it is generated (see Engine.stream_text).
+
+    Text is decoded incrementally (never half a UTF-8 character), the stop token itself is not
+    shown, and text is cut before the first stop string, which ends the request (finish_reason
+    "stop"). close() (or leaving a for loop with break/KeyboardInterrupt) cancels the request.
+    """
+
+    def __init__(self, engine: Engine, request: Request, tokenizer):
+        self.engine, self.request = engine, request
+        self.pieces = RequestText(tokenizer, request.params.stop)
+        self.text = ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.output_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.request.finish_reason
+
+    @property
+    def stats(self) -> Stats:
+        return self.request.stats
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while not self.request.finished:
+                for ev in self.engine.step():
+                    if ev.request_id != self.request.request_id:
+                        continue
+                    piece = self.pieces.push(ev)
+                    if self.pieces.stopped:
+                        self.engine.cancel(self.request)  # a no-op if it just finished anyway
+                        self.request.finish_reason = "stop"
+                    if piece:
+                        self.text += piece
+                        yield piece
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop generating (a no-op once the request has finished)."""
+        self.engine.cancel(self.request)
+
+    def read(self) -> str:
+        """Run to the end and return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------
+
+
+def _params(max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, more) -> SamplingParams:
+    try:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, **more).validate()
+    except TypeError as e:
+        raise SambayError(f"unknown sampling option: {e}") from None
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+             return_stats: bool = False, **more_sampling):
+    """Generate from a batch of prompts; returns the new tokens only, LongTensor (B, n).
+
+    input_ids (B, T), optionally left-padded (attention_mask 0 at the padding). Each row stops at
+    a stop id (included in its output, as in Hugging Face) or after max_new_tokens; n is the
+    longest row's length and shorter rows are filled with the pad id. stop_token_ids None means
+    the model's eos ids. Row b samples with seed `seed + b`, so a row's tokens do not depend on
+    the rest of the batch. more_sampling: any other SamplingParams field (min_p,
+    repetition_penalty, ...). With return_stats, returns (tokens, Stats) instead.
+    """
+    params = _params(max_new_tokens, temperature, top_p, top_k, seed,
+                     None if stop_token_ids is None else [int(i) for i in stop_token_ids], more_sampling)
+    if params.stop:
+        raise SambayError("stop strings need a tokenizer: use sambay.engine.stream(model, tokenizer, ...) "
+                          "or Engine.stream_text; generate() works on token ids (use stop_token_ids)")
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise SambayError(f"input_ids must be (batch, tokens), got shape {list(ids.shape)}")
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else \
+        torch.as_tensor(attention_mask).to(torch.bool)
+    if mask.shape != ids.shape:
+        raise SambayError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise SambayError("attention_mask may only mark padding at the start of a row (left padding)")
+    prompts = [ids[b][mask[b]].tolist() for b in range(ids.shape[0])]
+    longest = max(len(p) for p in prompts)
+    check_context(model, longest, params.max_new_tokens)
+    engine = Engine(model, max_batch_size=len(prompts), max_length=longest + params.max_new_tokens)
+    per_row = [params if params.seed is None else params.replace(seed=params.seed + b)
+               for b in range(len(prompts))]
+    start = time.perf_counter()
+    reqs = engine.run(prompts, per_row)
+    width = max(len(r.output_ids) for r in reqs)
+    out = torch.full((len(reqs), width), pad_id(model), dtype=torch.long)
+    for b, r in enumerate(reqs):
+        out[b, :len(r.output_ids)] = torch.tensor(r.output_ids, dtype=torch.long)
+    if not return_stats:
+        return out
+    prefill = sum(r.stats.prefill_seconds for r in reqs)
+    stats = Stats(prompt_tokens=sum(len(p) for p in prompts),
+                  generated_tokens=sum(len(r.output_ids) for r in reqs), prefill_seconds=prefill,
+                  decode_seconds=max(time.perf_counter() - start - prefill, 0.0))
+    return out, stats
+
+
+def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
+           **sampling) -> TextStream:
+    """Stream the reply to one prompt as text: `for piece in stream(model, tok, "Hi"): print(piece)`.
+    Give a SamplingParams or its fields as keywords."""
+    if params is None:
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError as e:
+            raise SambayError(f"unknown sampling option: {e}") from None
+    elif sampling:
+        params = params.replace(**sampling)
+    return Engine(model, tokenizer).stream_text(prompt, params)

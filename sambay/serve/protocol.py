@@ -1,0 +1,255 @@
+"""The OpenAI API's request bodies as pydantic models, and the one mapping from a request to SamplingParams.
+
+Fields are in the order of the OpenAI API reference, sambay's (and vLLM's) extensions at the end.
+Validation is strict, as in the OpenAI API ("0.5" is not a number, unknown fields are refused), and
+every problem becomes an `APIError`: an HTTP status with OpenAI's {"error": {...}} body, naming the
+field. sambay/server.py reads the HTTP request, calls `parse_request` and `sampling_params`, and
+turns the engine's outputs into OpenAI JSON.
+"""
+
+# No `from __future__ import annotations`: pydantic reads these annotations at class creation.
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+try:
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+except ImportError:  # no `serve` extra: the module must still import for `sambay --help`;
+    BaseModel, ValidationError = object, Exception  # `sambay serve` then says what to install
+
+    def ConfigDict(**kw):  # noqa: N802 - stand-ins with pydantic's names
+        return kw
+
+    def Field(default=None, **kw):  # noqa: N802
+        return default
+
+from sambay.errors import SambayError
+from sambay.runtime.sampling import SamplingParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_N = 16
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies, fields in the order of the OpenAI API reference; sambay's extras at the end
+# ---------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # strict: "0.5" is not a number and 1.0 is not an integer, as in the OpenAI API. Unknown fields
+    # are refused (OpenAI: "Unrecognized request argument supplied") so a typo is never ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage]
+    model: str
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # sambay (and vLLM) extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Body):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # sambay (and vLLM) extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+# What a field that accepts several shapes wants, for errors about it.
+SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "stop": "a string or a list of strings",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: OpenAI's shape, and pydantic's complaints translated into it
+# ---------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error response: HTTP status plus OpenAI's {"error": {...}} body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 naming the field (never FastAPI's 422)."""
+    err = e.errors()[0]
+    loc, union = [], False
+    for part in err["loc"]:
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
+            union = True  # pydantic names the union member it tried; the field is what matters
+            break
+        loc.append(part)
+    param = ".".join(str(p) for p in loc) or None
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type") and not loc:
+        return APIError(400, "the request body must be a JSON object")
+    if err["type"] == "missing":
+        return APIError(400, f"missing required field {param!r}", param=param)
+    field = str(loc[-1]) if loc else ""
+    got = repr(err.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    if union or field in SHAPES:
+        text = f"{param} must be {SHAPES.get(field, 'one of the documented types')}"
+    else:
+        text = f"{param}: {err['msg'][0].lower()}{err['msg'][1:]}"
+    return APIError(400, f"{text}, got {got}", param=param)
+
+
+def parse_request(model: type[BaseModel], data: Any) -> Any:
+    """Decoded JSON as the request body `model`; the first problem becomes a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Request -> SamplingParams
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What the handlers need to know about the loaded model (set once loading is done)."""
+
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int  # tokens per request: prompt + completion
+    max_tokens: int  # the most a request may ask to generate
+    stop_ids: list[int]
+    defaults: dict[str, float]  # sampling defaults from generation_config.json
+
+
+def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> SamplingParams:
+    """The one mapping from a request body to SamplingParams. Raises APIError (400) naming the field.
+
+    Sampling fields left out fall back to the checkpoint's generation_config.json, then to
+    OpenAI's defaults (temperature 1, top_p 1). max_tokens left out means 16 for completions
+    (OpenAI's default) and as much as fits for chat.
+    """
+    chat = isinstance(req, ChatCompletionRequest)
+    field = "messages" if chat else "prompt"
+    room = info.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt is {prompt_len} tokens, but this server's context is "
+                            f"{info.max_model_len} tokens for prompt and completion together; shorten the "
+                            f"{field}", param=field, code="context_length_exceeded")
+    param, max_tokens = "max_tokens", req.max_tokens
+    if chat and req.max_completion_tokens is not None:
+        param, max_tokens = "max_completion_tokens", req.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = min(info.max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS, info.max_tokens, room)
+    elif max_tokens < 1:
+        raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
+    elif max_tokens > info.max_tokens:
+        raise APIError(400, f"{param} is {max_tokens}, more than this server allows per request "
+                            f"({info.max_tokens}); ask for fewer", param=param)
+    elif max_tokens > room:
+        raise APIError(400, f"this server's context is {info.max_model_len} tokens, but {prompt_len + max_tokens} "
+                            f"were requested ({prompt_len} in the {field}, {max_tokens} for the completion); "
+                            f"lower {param} or shorten the {field}", param=param, code="context_length_exceeded")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with \"stream\": true", param="stream_options")
+    if chat:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        if req.echo or req.suffix is not None or (req.best_of or 1) != 1:
+            name = "echo" if req.echo else "suffix" if req.suffix is not None else "best_of"
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+        logprobs = req.logprobs
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+
+    def pick(name: str, off: float) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else info.defaults.get(name, off)
+
+    top_k = pick("top_k", 0)
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(int(top_k), 0),
+        top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
+        seed=req.seed, stop_token_ids=[] if req.ignore_eos else list(info.stop_ids), stop=stop,
+        logprobs=logprobs)
+    try:
+        return params.validate()
+    except SambayError as e:
+        raise APIError(400, str(e)) from None

@@ -1,0 +1,393 @@
+"""Continuous batching for `sambay serve`: one thread owns the Engine; the event loop talks to it
+through Jobs.
+
+    scheduler = Scheduler(load_engine, max_queue=64)   # load_engine() -> Engine, run on the thread
+    scheduler.start()                                   # loads in the background, then serves
+    job = Job(prompt_ids, params)                       # made on the event loop
+    scheduler.submit([job])                             # QueueFull if there is no room
+    async for job, out in outputs_of([job]): ...        # increments; the last has finish_reason
+    scheduler.cancel(job)                               # the client went away: free its row
+
+The model is not thread-safe, so everything that touches it (add_request, step, cancel) runs on
+the scheduler thread, between decode steps: a waiting request is prefilled and joins the running
+batch at the next token boundary, and a finished or cancelled one leaves at once. The text layer
+(incremental detokenizing and stop strings: engine.RequestText, as in TextStream) runs here too, so a stop
+string frees its row on the very step that produced it. Results go back to the event loop in one
+`call_soon_threadsafe` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sambay.runtime.engine import Engine, Event, RequestText
+from sambay.errors import SambayError
+from sambay.runtime.sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    """No room for the request: max_batch_size running and max_queue waiting already."""
+
+
+class NotAccepting(Exception):
+    """The scheduler is not taking requests (still loading, failed to load, or shutting down)."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob), most likely first
+
+
+@dataclass
+class Output:
+    """What one job produced since its last Output. The last one has finish_reason set
+    ("stop", "length", or "error" with `error` saying why and `status` the HTTP status it means:
+    400 the request's fault, 500 the server's, 503 shutting down)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # generated so far (stop id included, as in usage)
+    error: str | None = None
+    status: int = 200
+
+    def merge(self, later: Output) -> Output:
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return Output(self.text + later.text, self.token_ids + later.token_ids, logprobs,
+                      later.finish_reason, later.completion_tokens, later.error, later.status)
+
+
+_job_ids = itertools.count()
+
+
+class Job:
+    """One generation (one choice of one HTTP request). Made on the event loop; Outputs arrive in
+    `queue` as (job, Output) pairs, so the n jobs of one request can share a queue."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0,
+                 queue: asyncio.Queue | None = None):
+        self.id = f"job-{next(_job_ids)}"
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.index = index  # the choice index in the response
+        self.loop = asyncio.get_running_loop()
+        self.queue = queue if queue is not None else asyncio.Queue()
+        self.arrival = time.perf_counter()
+        self.done = False  # set on the event loop when the last Output is taken
+        self.cancelled = False
+        # Owned by the scheduler thread.
+        self.request = None
+        self.text: RequestText | None = None
+        self.first_token_at: float | None = None
+
+
+async def outputs_of(jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, Output]]:
+    """(job, Output) from jobs sharing one queue until every job has finished; what piled up
+    while the reader was busy is merged per job, so a slow client gets fewer, larger chunks."""
+    queue = jobs[0].queue
+    left = sum(not j.done for j in jobs)
+    while left:
+        pending = [await queue.get()]
+        while not queue.empty():
+            pending.append(queue.get_nowait())
+        merged: dict[Job, Output] = {}
+        for job, out in pending:
+            merged[job] = merged[job].merge(out) if job in merged else out
+        for job, out in merged.items():
+            if out.finish_reason is not None:
+                job.done = True
+                left -= 1
+            yield job, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_WINDOW = 10.0  # seconds over which the generation rate gauge averages
+
+
+class Metrics:
+    """Counters for GET /metrics, updated from the event loop and the scheduler thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        with self._lock:
+            self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+            self.ttft_sum += seconds
+            self.prompt_tokens += prompt_tokens
+
+    def generated(self, n: int, now: float) -> None:
+        with self._lock:
+            self.generation_tokens += n
+            self._recent.append((now, n))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW:
+                self._recent.popleft()
+
+    def generation_rate(self, now: float) -> float:
+        """Generated tokens per second over the last RATE_WINDOW seconds."""
+        with self._lock:
+            total = sum(n for t, n in self._recent if t >= now - RATE_WINDOW)
+        return total / RATE_WINDOW
+
+    def render(self, queue_depth: int, running: int, loaded: bool) -> str:
+        """The Prometheus text exposition format."""
+        now = time.perf_counter()
+        rate = self.generation_rate(now)
+        lines = []
+
+        def metric(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+            lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                         for labels, value in samples)
+
+        with self._lock:
+            requests = sorted(self.requests.items())
+            ttft, ttft_sum = list(self.ttft_counts), self.ttft_sum
+            prompt, generation = self.prompt_tokens, self.generation_tokens
+        metric("sambay_requests_total", "counter", "HTTP requests by endpoint and status code.",
+               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in requests])
+        metric("sambay_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", prompt)])
+        metric("sambay_generation_tokens_total", "counter", "Tokens generated.", [("", generation)])
+        metric("sambay_queue_depth", "gauge", "Requests waiting for a batch row.", [("", queue_depth)])
+        metric("sambay_running_requests", "gauge", "Requests in the running batch.", [("", running)])
+        metric("sambay_model_loaded", "gauge", "1 once the model is loaded.", [("", int(loaded))])
+        metric("sambay_generation_tokens_per_second", "gauge",
+               f"Generated tokens per second over the last {RATE_WINDOW:g} s.", [("", float(rate))])
+        cumulative = list(itertools.accumulate(ttft))
+        metric("sambay_time_to_first_token_seconds", "histogram",
+               "Time from a request's arrival to its first generated token.",
+               [(f'_bucket{{le="{b:g}"}}', c) for b, c in zip(TTFT_BUCKETS, cumulative)]
+               + [('_bucket{le="+Inf"}', cumulative[-1]), ("_sum", float(ttft_sum)), ("_count", cumulative[-1])])
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler
+# ---------------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Owns the Engine on one thread and runs continuous batching over it.
+
+    load: makes the Engine (called on the scheduler thread, so a slow load never blocks the
+    server). max_queue: how many jobs may wait for a row; submit() raises QueueFull beyond that.
+    on_load_error(message) is called (on the thread) if load fails.
+    """
+
+    def __init__(self, load: Callable[[], Engine], max_queue: int, metrics: Metrics | None = None,
+                 on_load_error: Callable[[str], None] | None = None):
+        self._load = load
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._on_load_error = on_load_error
+        self.engine: Engine | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: dict[str, Job] = {}  # admitted, by job id (changed under _cv)
+        self._cancelled: list[Job] = []
+        self._stopping = False
+        self._threads = torch.get_num_threads()  # the caller's setting, for the new thread
+        self._thread = threading.Thread(target=self._main, name="sambay-scheduler", daemon=True)
+
+    # ---- event-loop side -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue the jobs, all or none. Raises QueueFull or NotAccepting."""
+        with self._cv:
+            if self._stopping or not self.ready.is_set():
+                raise NotAccepting("the server is shutting down" if self._stopping else "the model is not loaded")
+            capacity = self.engine.max_batch_size + self.max_queue
+            if len(self._waiting) + len(self._running) + len(jobs) > capacity:
+                raise QueueFull(f"the server is busy: {len(self._running)} requests running and "
+                                f"{len(self._waiting)} waiting (at most {self.max_queue}); retry shortly")
+            self._waiting.extend(jobs)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job wherever it is; a running one leaves the batch at the next token boundary."""
+        with self._cv:
+            if job.cancelled or job.done:
+                return
+            job.cancelled = True
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                if job.id in self._running:
+                    self._cancelled.append(job)
+                    self._cv.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; every job still waiting or running ends with an error Output."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        # A thread still loading cannot be interrupted; it is a daemon and dies with the process.
+        if self.ready.is_set() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- scheduler thread ------------------------------------------------------------------------
+    def _main(self) -> None:
+        torch.set_num_threads(self._threads)
+        try:
+            engine = self._load()
+        except Exception as e:  # noqa: BLE001 - any failure to load ends the server with its message
+            self.load_error = str(e) if isinstance(e, SambayError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, SambayError):
+                traceback.print_exc()
+            if self._on_load_error:
+                self._on_load_error(self.load_error)
+            return
+        with self._cv:
+            self.engine = engine
+            if not self._stopping:
+                self.ready.set()
+        while self._iteration():
+            pass
+        self._shutdown()
+
+    def _iteration(self) -> bool:
+        """Admit waiting jobs, drop cancelled ones, run one decode step. False once stopping."""
+        engine = self.engine
+        with self._cv:
+            while not (self._stopping or self._waiting or self._cancelled or engine.num_active):
+                self._cv.wait()
+            if self._stopping:
+                return False
+            cancelled, self._cancelled = self._cancelled, []
+            admitted = []
+            while self._waiting and len(self._running) < engine.max_batch_size:
+                job = self._waiting.popleft()
+                self._running[job.id] = job
+                admitted.append(job)
+        outputs: list[tuple[Job, Output]] = []
+        finished: list[Job] = []
+        for job in cancelled:
+            if job.request is not None:
+                engine.cancel(job.request)
+            finished.append(job)
+        try:
+            for job in admitted:
+                self._admit(job, outputs, finished)
+            if engine.num_active:
+                self._step(outputs, finished)
+        except Exception as e:  # noqa: BLE001 - a bug must not take the server down with it
+            traceback.print_exc()
+            message = f"internal error while generating ({type(e).__name__}: {e})"
+            for job in list(self._running.values()):
+                if job not in finished:
+                    outputs.append((job, Output(finish_reason="error", error=message, status=500)))
+                    finished.append(job)
+            engine.reset()
+        with self._cv:
+            for job in finished:
+                self._running.pop(job.id, None)
+        self._deliver(outputs)
+        return True
+
+    def _admit(self, job: Job, outputs: list, finished: list) -> None:
+        if job.cancelled:
+            finished.append(job)
+            return
+        try:
+            job.request = self.engine.add_request(job.prompt_ids, job.params, request_id=job.id)
+        except SambayError as e:
+            outputs.append((job, Output(finish_reason="error", error=str(e), status=400)))
+            finished.append(job)
+            return
+        except Exception as e:  # noqa: BLE001 - fail this request only: add_request joins the batch last
+            traceback.print_exc()
+            outputs.append((job, Output(finish_reason="error", error=f"internal error while prefilling "
+                                                                   f"({type(e).__name__}: {e})", status=500)))
+            finished.append(job)
+            return
+        job.text = RequestText(self.engine.tokenizer, job.params.stop)
+
+    def _step(self, outputs: list, finished: list) -> None:
+        events = self.engine.step()
+        now = time.perf_counter()
+        for ev in events:
+            job = self._running[ev.request_id]
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.first_token(now - job.arrival, len(job.prompt_ids))
+            out = self._text(job, ev)
+            outputs.append((job, out))
+            if out.finish_reason is not None:
+                finished.append(job)
+        self.metrics.generated(len(events), now)
+
+    def _text(self, job: Job, ev: Event) -> Output:
+        """One token's Output: its text, cut at a stop string (which also ends the request)."""
+        piece = job.text.push(ev)
+        finish = ev.finish_reason
+        if job.text.stopped:
+            self.engine.cancel(job.request)  # a no-op if it just finished anyway
+            finish = "stop"
+        logprobs = None
+        if ev.logprob is not None:
+            logprobs = [TokenLogprob(ev.token_id, ev.logprob, list(ev.top_logprobs or []))]
+        return Output(piece, [ev.token_id], logprobs, finish, len(job.request.output_ids))
+
+    def _deliver(self, outputs: list[tuple[Job, Output]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, out in outputs:
+            by_loop.setdefault(job.loop, []).append((job, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            jobs = list(self._running.values()) + list(self._waiting)
+            self._waiting.clear()
+            self._running.clear()
+        self.engine.reset()
+        self._deliver([(j, Output(finish_reason="error", error="the server is shutting down", status=503))
+                       for j in jobs])
+
+
+def _put_all(items: list[tuple[Job, Output]]) -> None:
+    for job, out in items:
+        job.queue.put_nowait((job, out))
