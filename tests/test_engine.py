@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 import sambay
 from sambay.runtime import sampling
-from sambay.runtime.engine import Engine, StopStrings, generate, stream
+from sambay.runtime.engine import Engine
+from sambay.runtime.generate import generate, stream
+from sambay.runtime.text import StopStrings
 from sambay.runtime.sampling import (SamplingParams, TokenCounts, apply_penalties, filter_mask, filter_mask_ref,
                              sample)
 

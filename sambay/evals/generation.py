@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-from sambay.runtime.engine import Engine, Event, StopStrings, default_stop_ids
+from sambay.runtime.engine import Engine, Event, default_stop_ids
+from sambay.runtime.text import StopStrings
 from sambay.runtime.sampling import SamplingParams
 
 GenerateFn = Callable[[Sequence[str], Sequence[SamplingParams]], Iterator[tuple[int, str]]]

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sambay.runtime.engine import Engine, Event, RequestText
+from sambay.runtime.engine import Engine, Event
+from sambay.runtime.text import RequestText
 from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
 
