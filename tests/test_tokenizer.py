@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from conftest import GOLDEN_TOKENIZER
 
 from sambay import tokenizer as tk
 from sambay.errors import SambayError
@@ -20,8 +21,10 @@ from sambay.tokenizer import (
     phi4_tokenizer,
     train_bpe_tokenizer,
 )
+from sambay.tokenizer import phi4 as phi4_build
+from sambay.tokenizer.stream import byte_level
 
-GOLDEN = json.loads((Path(__file__).parent / "data/golden/tokenizer/cases.json").read_text(encoding="utf-8"))
+GOLDEN = json.loads((GOLDEN_TOKENIZER / "cases.json").read_text(encoding="utf-8"))
 ADDED_TEXTS = [t["content"] for t in GOLDEN["tokenizer"]["added_tokens"]]
 STRINGS = GOLDEN["strings"]
 CHATS = GOLDEN["chats"]
@@ -239,13 +242,13 @@ def test_phi4_cache_is_written_and_reused(tmp_path, monkeypatch):
         built.append(len(rank_file))
         return train_bpe_tokenizer(["cache test"], vocab_size=300).backend
 
-    monkeypatch.setattr(tk, "_build_phi4_backend", fake_build)
-    first = tk._phi4_backend()
+    monkeypatch.setattr(phi4_build, "_build_phi4_backend", fake_build)
+    first = phi4_build._phi4_backend()
     (cache_file,) = (tmp_path / "tokenizers").glob("phi4-o200k-446a9538*.json")
-    second = tk._phi4_backend()
+    second = phi4_build._phi4_backend()
     assert len(built) == 1 and first.to_str() == second.to_str()
     cache_file.write_text("{ truncated")
-    tk._phi4_backend()
+    phi4_build._phi4_backend()
     assert len(built) == 2  # a broken cache file is rebuilt, not an error
 
 
@@ -335,8 +338,15 @@ def test_stream_decoder_holds_back_split_characters(phi4):
     assert chunks[:-2] == [""] * (len(ids) - 1) and chunks[-2] == "🤖"
 
 
+def test_bytes_to_unicode_table():
+    table = tk.bytes_to_unicode()
+    assert tk._bytes_to_unicode is tk.bytes_to_unicode  # the old private name stays importable
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord("a")] == "a" and byte_level(b" the") == "Ġthe"
+
+
 def test_stream_decoder_invalid_utf8_is_released_by_flush(phi4):
-    lone_lead_byte = phi4.token_to_id(tk._byte_level(b"\xe4"))
+    lone_lead_byte = phi4.token_to_id(byte_level(b"\xe4"))
     ids = phi4.encode("Hello") + [lone_lead_byte]
     chunks = _stream(phi4, ids)
     assert chunks == ["Hello", "", "\ufffd"]
