@@ -1,25 +1,33 @@
 """Model configurations: dataclasses that read and write Hugging Face `config.json`.
 
 `SambaYConfig` is SambaY (Phi-4-mini-flash-reasoning); `Phi3Config` is the Transformer baseline it is
-compared with (Phi-4-mini-reasoning, Hugging Face's `Phi3ForCausalLM`). The field names are the keys
-of the real `config.json` files, so a config read from a checkpoint and written back is the same file
-(unknown keys such as `auto_map` are kept in `extra`). Everything else about the network, above all
-the per-layer layout, is derived from these fields. `load_config` picks the class from the file.
+compared with (Phi-4-mini-reasoning, Hugging Face's `Phi3ForCausalLM`). Both derive from
+`ModelConfig`, which holds what the two families' files share and all of the file handling, so the
+families differ only in their own keys and in what they derive from them. The field names are the
+keys of the real `config.json` files, so a config read from a checkpoint and written back is the same
+file (unknown keys such as `auto_map` are kept in `extra`). Everything else about the network, above
+all the per-layer layout, is derived from these fields. `load_config` picks the class from the file.
+
+The named presets live in sambay.models.presets.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from sambay.errors import SambayError
+from sambay.files import atomic_write_text, read_json
 
 ARCHITECTURE = "Phi4FlashForCausalLM"
 MODEL_TYPE = "phi4flash"
+PHI3_ARCHITECTURE = "Phi3ForCausalLM"
+PHI3_MODEL_TYPE = "phi3"
 
 # Layer kinds, in the order they appear in a SambaY network (see SPEC.md section 1).
 MAMBA = "mamba"  # Mamba-1 in the self-decoder
@@ -35,20 +43,36 @@ LAYER_LETTERS = {MAMBA: "M", SWA: "S", MEMORY_MAMBA: "M", KV_ATTENTION: "A", GMU
                  ATTENTION: "T"}
 
 
-@dataclass
-class SambaYConfig:
-    # Keys of the real config.json, with the real model's values as defaults.
+# Fields are keyword-only: the families' fields interleave with the shared ones in config.json, so
+# the declaration order (base first) is not an order anyone should pass values in. For the same
+# reason `__repr__` is the base's, in KEY_ORDER, rather than the one dataclass would generate.
+@dataclass(kw_only=True, repr=False)
+class ModelConfig(abc.ABC):
+    """Either family's config: the config.json keys both families have and the file handling.
+
+    A family sets the class constants below, declares its own keys (and its defaults for the shared
+    keys whose values differ) and adds its checks through the `_validate_*` hooks.
+    """
+
+    ARCHITECTURE: ClassVar[str]  # written as `architectures: [...]` and recognised when reading
+    MODEL_TYPE: ClassVar[str]
+    FAMILY: ClassVar[str]  # the name in messages ("invalid SambaY config: ...")
+    # The order `to_dict` writes the keys in (fields not listed follow, in declaration order): the
+    # family's own keys sit beside the shared ones they belong with, as in every file sambay writes.
+    KEY_ORDER: ClassVar[tuple[str, ...]] = ()
+    # Integer fields that must be positive, in the order they are checked.
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    # Keys of both families' config.json. Where the families' values differ, the family sets the default.
     vocab_size: int = 200064
-    hidden_size: int = 2560
-    intermediate_size: int = 10240
+    hidden_size: int
+    intermediate_size: int
     num_hidden_layers: int = 32
-    num_attention_heads: int = 40
-    num_key_value_heads: int = 20
+    num_attention_heads: int
+    num_key_value_heads: int
     hidden_act: str = "silu"
-    layer_norm_eps: float = 1e-5
-    max_position_embeddings: int = 262144
-    sliding_window: int | None = 512
-    mb_per_layer: int = 2
+    max_position_embeddings: int
+    sliding_window: int | None
     pad_token_id: int | None = 199999
     bos_token_id: int | None = 199999
     eos_token_id: int | list[int] | None = 199999
@@ -61,16 +85,6 @@ class SambaYConfig:
     use_cache: bool = True
     mlp_bias: bool = False
     lm_head_bias: bool = False
-    # Absent from the real config.json; these defaults are the reference config class's.
-    mamba_d_state: int = 16
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_dt_rank: int | str = "auto"
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    # sambay's own switch (the reference always uses differential attention); written to
-    # config.json only when off, so files for the real architecture stay identical.
-    differential_attention: bool = True
     # Keys we do not interpret (auto_map, _attn_implementation, transformers_version, ...), kept
     # so that a config read and written back loses nothing.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +97,174 @@ class SambaYConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    @property
+    @abc.abstractmethod
+    def layer_kinds(self) -> list[str]:
+        """The kind of every layer (MAMBA, SWA, ..., ATTENTION), first to last."""
+
+    @property
+    @abc.abstractmethod
+    def layout(self) -> str:
+        """The layer pattern as a short string of LAYER_LETTERS."""
+
+    @abc.abstractmethod
+    def window_of(self, layer: int) -> int | None:
+        """Sliding window of an attention layer (None = unlimited)."""
+
+    # ---- checks -------------------------------------------------------------------------------
+    @classmethod
+    def _invalid(cls, msg: str) -> SambayError:
+        return SambayError(f"invalid {cls.FAMILY} config: {msg}")
+
+    def validate(self) -> None:
+        """Refuse a config the modules could not be built from. The checks both families make run
+        here; a family adds its own before them (its layer pattern), after the head counts (how the
+        heads are split) and at the end, so each message comes in the same order as always."""
+        self._validate_layers()
+        for name in self.POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise self._invalid(f"{name} must be a positive integer, got {value!r}")
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % H:
+            raise self._invalid(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {H}")
+        if H % Hkv:
+            raise self._invalid(f"num_attention_heads {H} is not a multiple of num_key_value_heads {Hkv}")
+        self._validate_heads()
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise self._invalid(f"sliding_window must be a positive integer or null, got "
+                                f"{self.sliding_window!r}")
+        self._validate_family()
+
+    def _validate_layers(self) -> None:
+        """The family's rules on the number and pattern of layers."""
+
+    def _validate_heads(self) -> None:
+        """The family's rules on how attention heads are split (paired, rotated)."""
+
+    def _validate_family(self) -> None:
+        """The family's remaining rules."""
+
+    # ---- sizes --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def num_parameters(self) -> int:
+        """Parameters the module holds (tied weights counted once)."""
+
+    @abc.abstractmethod
+    def state_bytes_per_token(self, kv_bytes: int = 2) -> int:
+        """Decode-state bytes added per token of context."""
+
+    @abc.abstractmethod
+    def state_bytes_fixed(self, batch: int = 1, kv_bytes: int = 2) -> int:
+        """Decode-state bytes that do not grow with context."""
+
+    # ---- json ---------------------------------------------------------------------------------
+    @classmethod
+    def _normalize(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read other writers' spellings of the family's keys (`data` is a copy to change)."""
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """The config of a config.json's contents; on ModelConfig itself, of the family they name."""
+        if cls is ModelConfig:
+            return config_from_dict(data)
+        data = cls._normalize(dict(data))
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in known}
+        for written_by_to_dict in ("architectures", "model_type"):
+            data.pop(written_by_to_dict, None)
+        return cls(**kwargs, extra=data)
+
+    def _ordered_fields(self) -> dict[str, Any]:
+        """Every field but `extra`, in KEY_ORDER."""
+        rank = {name: i for i, name in enumerate(self.KEY_ORDER)}
+        names = sorted((f.name for f in dataclasses.fields(self) if f.name != "extra"),
+                       key=lambda name: rank.get(name, len(rank)))  # stable: unlisted keep their order
+        return {name: getattr(self, name) for name in names}
+
+    def _json_fields(self) -> dict[str, Any]:
+        """The fields `to_dict` writes."""
+        return self._ordered_fields()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [self.ARCHITECTURE], "model_type": self.MODEL_TYPE}
+        out.update(self._json_fields())
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Self:
+        """Read a config.json, refusing one of another family than `cls`."""
+        cfg = load_config(path)
+        if not isinstance(cfg, cls):
+            raise SambayError(f"{path} describes a {cfg.FAMILY} model, not {cls.FAMILY}")
+        return cfg
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes`, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        items = {**self._ordered_fields(), "extra": self.extra}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in items.items())})"
+
+
+@dataclass(kw_only=True, repr=False)
+class SambaYConfig(ModelConfig):
+    """SambaY, Hugging Face's `Phi4FlashForCausalLM` (Phi-4-mini-flash-reasoning).
+
+    A self-decoder of Mamba and sliding-window attention layers ending in one full-attention layer
+    whose K/V the cross-decoder's cross-attention layers share, its GMU layers reading the memory
+    of the Mamba layer at L/2. The defaults are Phi-4-mini-flash-reasoning's config.json.
+    """
+
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    FAMILY: ClassVar[str] = "SambaY"
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "hidden_act", "layer_norm_eps", "max_position_embeddings", "sliding_window",
+        "mb_per_layer", "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout", "embd_pdrop",
+        "resid_pdrop", "initializer_range", "tie_word_embeddings", "torch_dtype", "use_cache", "mlp_bias",
+        "lm_head_bias", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias",
+        "mamba_proj_bias", "differential_attention")
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+        "mamba_d_state", "mamba_d_conv", "mamba_expand")
+
+    # Keys of the real config.json, with the real model's values as defaults.
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 20
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 262144
+    sliding_window: int | None = 512
+    mb_per_layer: int = 2
+    # Absent from the real config.json; these defaults are the reference config class's.
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int | str = "auto"
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # sambay's own switch (the reference always uses differential attention); written to
+    # config.json only when off, so files for the real architecture stay identical.
+    differential_attention: bool = True
+
+    # ---- derived quantities -------------------------------------------------------------------
     @property
     def d_inner(self) -> int:
         return self.mamba_expand * self.hidden_size
@@ -131,47 +313,33 @@ class SambaYConfig:
     def lambda_init(self, layer: int) -> float:
         return 0.8 - 0.6 * math.exp(-0.3 * layer)
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-
     # ---- checks -------------------------------------------------------------------------------
-    def validate(self) -> None:
-        def bad(msg: str) -> SambayError:
-            return SambayError(f"invalid SambaY config: {msg}")
-
+    def _validate_layers(self) -> None:
         L = self.num_hidden_layers
         if L < 4 or L % 4 != 0:
-            raise bad(f"num_hidden_layers must be a positive multiple of 4 (the self- and cross-decoder "
-                      f"halves each alternate two layer kinds), got {L}")
+            raise self._invalid(f"num_hidden_layers must be a positive multiple of 4 (the self- and "
+                                f"cross-decoder halves each alternate two layer kinds), got {L}")
         if self.mb_per_layer != 2:
-            raise bad(f"mb_per_layer must be 2 (Mamba on even layers, attention on odd ones), got "
-                      f"{self.mb_per_layer}")
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                     "vocab_size", "mamba_d_state", "mamba_d_conv", "mamba_expand"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            raise self._invalid(f"mb_per_layer must be 2 (Mamba on even layers, attention on odd ones), "
+                                f"got {self.mb_per_layer}")
+
+    def _validate_heads(self) -> None:
         H, Hkv = self.num_attention_heads, self.num_key_value_heads
-        if self.hidden_size % H:
-            raise bad(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {H}")
-        if H % Hkv:
-            raise bad(f"num_attention_heads {H} is not a multiple of num_key_value_heads {Hkv}")
         if self.differential_attention and (H % 2 or Hkv % 2):
-            raise bad(f"differential attention pairs heads, so num_attention_heads ({H}) and "
-                      f"num_key_value_heads ({Hkv}) must both be even")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window < 1):
-            raise bad(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+            raise self._invalid(f"differential attention pairs heads, so num_attention_heads ({H}) and "
+                                f"num_key_value_heads ({Hkv}) must both be even")
+
+    def _validate_family(self) -> None:
         if self.mamba_dt_rank != "auto" and (not isinstance(self.mamba_dt_rank, int)
                                              or self.mamba_dt_rank < 1):
-            raise bad(f"mamba_dt_rank must be 'auto' or a positive integer, got {self.mamba_dt_rank!r}")
+            raise self._invalid(f"mamba_dt_rank must be 'auto' or a positive integer, got "
+                                f"{self.mamba_dt_rank!r}")
         if self.hidden_act != "silu":
-            raise bad(f"hidden_act must be 'silu' (the only activation SambaY uses), got "
-                      f"{self.hidden_act!r}")
+            raise self._invalid(f"hidden_act must be 'silu' (the only activation SambaY uses), got "
+                                f"{self.hidden_act!r}")
         if not self.tie_word_embeddings:
-            raise bad("tie_word_embeddings must be true: SambaY's output head is the embedding matrix")
+            raise self._invalid("tie_word_embeddings must be true: SambaY's output head is the embedding "
+                                "matrix")
 
     # ---- sizes --------------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -208,55 +376,25 @@ class SambaYConfig:
 
     # ---- json ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SambaYConfig:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: data.pop(k) for k in list(data) if k in known}
-        extra = data
-        if isinstance(kwargs.get("sliding_window"), list):
+    def _normalize(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(data.get("sliding_window"), list):
             # Some exported configs list the window per layer; SambaY uses one window for all SWA layers.
-            windows = {w for w in kwargs["sliding_window"] if w is not None}
+            windows = {w for w in data["sliding_window"] if w is not None}
             if len(windows) > 1:
-                raise SambayError(f"invalid SambaY config: sliding_window lists different windows "
-                                  f"{sorted(windows)}; SambaY uses one window for every SWA layer")
-            kwargs["sliding_window"] = windows.pop() if windows else None
-        return cls(**kwargs, extra=extra)
+                raise cls._invalid(f"sliding_window lists different windows {sorted(windows)}; SambaY uses "
+                                   f"one window for every SWA layer")
+            data["sliding_window"] = windows.pop() if windows else None
+        return data
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            if f.name == "differential_attention" and self.differential_attention:
-                continue
-            out[f.name] = getattr(self, f.name)
-        for k, v in self.extra.items():
-            out.setdefault(k, v)
+    def _json_fields(self) -> dict[str, Any]:
+        out = super()._json_fields()
+        if self.differential_attention:
+            del out["differential_attention"]  # the reference's only mode: see the field
         return out
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> SambaYConfig:
-        cfg = load_config(path)
-        if not isinstance(cfg, cls):
-            raise SambayError(f"{path} describes a {type(cfg).__name__.removesuffix('Config')} model, "
-                              f"not SambaY")
-        return cfg
 
-    def to_json(self, path: str | os.PathLike) -> None:
-        from sambay.files import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    def replace(self, **changes: Any) -> SambaYConfig:
-        return dataclasses.replace(self, **changes)
-
-
-PHI3_ARCHITECTURE = "Phi3ForCausalLM"
-PHI3_MODEL_TYPE = "phi3"
-
-
-@dataclass
-class Phi3Config:
+@dataclass(kw_only=True, repr=False)
+class Phi3Config(ModelConfig):
     """The Transformer baseline: Hugging Face's `Phi3ForCausalLM` (Phi-3, Phi-4-mini[-reasoning]).
 
     Every layer is causal self-attention (fused qkv_proj, RoPE on the first `partial_rotary_factor`
@@ -265,13 +403,24 @@ class Phi3Config:
     (`{"type": "longrope", "short_factor": [...], "long_factor": [...]}`), used as transformers does.
     """
 
-    vocab_size: int = 200064
+    ARCHITECTURE: ClassVar[str] = PHI3_ARCHITECTURE
+    MODEL_TYPE: ClassVar[str] = PHI3_MODEL_TYPE
+    FAMILY: ClassVar[str] = "Phi3"
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+        "original_max_position_embeddings", "rope_theta", "partial_rotary_factor", "rope_scaling",
+        "sliding_window", "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout", "embd_pdrop",
+        "resid_pdrop", "initializer_range", "tie_word_embeddings", "torch_dtype", "use_cache",
+        "attention_bias", "mlp_bias", "lm_head_bias")
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "vocab_size", "max_position_embeddings", "original_max_position_embeddings")
+
     hidden_size: int = 3072
     intermediate_size: int = 8192
-    num_hidden_layers: int = 32
     num_attention_heads: int = 24
     num_key_value_heads: int = 8
-    hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     original_max_position_embeddings: int = 4096
@@ -279,27 +428,7 @@ class Phi3Config:
     partial_rotary_factor: float = 0.75
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = 262144
-    pad_token_id: int | None = 199999
-    bos_token_id: int | None = 199999
-    eos_token_id: int | list[int] | None = 199999
-    attention_dropout: float = 0.0
-    embd_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = True
-    torch_dtype: str = "bfloat16"
-    use_cache: bool = True
     attention_bias: bool = False
-    mlp_bias: bool = False
-    lm_head_bias: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
@@ -317,53 +446,37 @@ class Phi3Config:
         return self.sliding_window
 
     @property
-    def eos_token_ids(self) -> list[int]:
-        return SambaYConfig.eos_token_ids.fget(self)
+    def longrope(self) -> bool:
+        rs = self.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type")) in ("longrope", "su", "yarn")
 
-    def validate(self) -> None:
-        def bad(msg: str) -> SambayError:
-            return SambayError(f"invalid Phi3 config: {msg}")
-
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "max_position_embeddings",
-                     "original_max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        H, Hkv = self.num_attention_heads, self.num_key_value_heads
-        if self.hidden_size % H:
-            raise bad(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {H}")
-        if H % Hkv:
-            raise bad(f"num_attention_heads {H} is not a multiple of num_key_value_heads {Hkv}")
+    # ---- checks -------------------------------------------------------------------------------
+    def _validate_heads(self) -> None:
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
-            raise bad(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an "
-                      f"even number of rotary dimensions (head_dim {self.head_dim})")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window < 1):
-            raise bad(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+            raise self._invalid(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and "
+                                f"give an even number of rotary dimensions (head_dim {self.head_dim})")
+
+    def _validate_family(self) -> None:
         if self.hidden_act != "silu":
-            raise bad(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+            raise self._invalid(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.attention_bias or self.mlp_bias or self.lm_head_bias:
-            raise bad("attention_bias, mlp_bias and lm_head_bias must be false (Phi-3 and Phi-4-mini "
-                      "have no biases)")
+            raise self._invalid("attention_bias, mlp_bias and lm_head_bias must be false (Phi-3 and "
+                                "Phi-4-mini have no biases)")
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
             if kind in ("su", "yarn"):  # older names of the same scheme, as transformers reads them
                 kind = "longrope"
             if kind not in ("longrope", "default"):
-                raise bad(f"rope_scaling type must be 'longrope' (or absent), got {rs!r}")
+                raise self._invalid(f"rope_scaling type must be 'longrope' (or absent), got {rs!r}")
             if kind == "longrope":
                 for key in ("short_factor", "long_factor"):
                     f = rs.get(key)
                     if not isinstance(f, list) or len(f) != self.rotary_dim // 2:
-                        raise bad(f"rope_scaling.{key} must list {self.rotary_dim // 2} numbers (half "
-                                  f"the rotary dimensions), got {f!r}")
+                        raise self._invalid(f"rope_scaling.{key} must list {self.rotary_dim // 2} numbers "
+                                            f"(half the rotary dimensions), got {f!r}")
 
-    @property
-    def longrope(self) -> bool:
-        rs = self.rope_scaling or {}
-        return rs.get("rope_type", rs.get("type")) in ("longrope", "su", "yarn")
-
+    # ---- sizes --------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         d, hd, H, Hkv, L = self.hidden_size, self.head_dim, self.num_attention_heads, \
             self.num_key_value_heads, self.num_hidden_layers
@@ -378,9 +491,9 @@ class Phi3Config:
     def state_bytes_fixed(self, batch: int = 1, kv_bytes: int = 2) -> int:
         return 0
 
+    # ---- json ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Phi3Config:
-        data = dict(data)
+    def _normalize(cls, data: dict[str, Any]) -> dict[str, Any]:
         if data.get("num_key_value_heads") is None and "num_attention_heads" in data:
             data["num_key_value_heads"] = data["num_attention_heads"]
         # transformers 5 writes RoPE settings as `rope_parameters`; older files as rope_theta/rope_scaling.
@@ -394,109 +507,53 @@ class Phi3Config:
         data.setdefault("partial_rotary_factor", 1.0)  # absent in Phi-3 files: the whole head rotates
         data.setdefault("sliding_window", None)
         data.setdefault("tie_word_embeddings", False)  # transformers' default for Phi3
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: data.pop(k) for k in list(data) if k in known}
-        for written_by_to_dict in ("architectures", "model_type"):
-            data.pop(written_by_to_dict, None)
-        return cls(**kwargs, extra=data)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [PHI3_ARCHITECTURE], "model_type": PHI3_MODEL_TYPE}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
-        for k, v in self.extra.items():
-            out.setdefault(k, v)
-        return out
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        SambaYConfig.to_json(self, path)
-
-    def replace(self, **changes: Any) -> Phi3Config:
-        return dataclasses.replace(self, **changes)
+        return data
 
 
-ModelConfig = SambaYConfig | Phi3Config
+# The families config.json can name. A file naming several is read as the first listed here.
+FAMILIES: tuple[type[ModelConfig], ...] = (Phi3Config, SambaYConfig)
+
+
+def config_class(data: dict[str, Any]) -> type[ModelConfig] | None:
+    """The family named by a config.json's `architectures` or `model_type`, if sambay has it."""
+    archs = data.get("architectures") or []
+    model_type = data.get("model_type")
+    return next((cls for cls in FAMILIES if cls.ARCHITECTURE in archs or model_type == cls.MODEL_TYPE), None)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """The config of the family named by `architectures` or `model_type`."""
-    archs = data.get("architectures") or []
-    model_type = data.get("model_type")
-    if PHI3_ARCHITECTURE in archs or model_type == PHI3_MODEL_TYPE:
-        cls = Phi3Config
-    elif ARCHITECTURE in archs or model_type == MODEL_TYPE:
-        cls = SambaYConfig
-    else:
-        raise SambayError(f"{where} describes a {model_type or 'unknown'} model (architectures {archs}); "
-                          f"sambay loads {ARCHITECTURE} (model_type '{MODEL_TYPE}') checkpoints such as "
-                          f"microsoft/Phi-4-mini-flash-reasoning, and the {PHI3_ARCHITECTURE} baseline "
-                          f"(Phi-3, Phi-4-mini)")
+    cls = config_class(data)
+    if cls is None:
+        raise SambayError(f"{where} describes a {data.get('model_type') or 'unknown'} model (architectures "
+                          f"{data.get('architectures') or []}); sambay loads {ARCHITECTURE} (model_type "
+                          f"'{MODEL_TYPE}') checkpoints such as microsoft/Phi-4-mini-flash-reasoning, and the "
+                          f"{PHI3_ARCHITECTURE} baseline (Phi-3, Phi-4-mini)")
     try:
         return cls.from_dict(data)
     except TypeError as e:
-        raise SambayError(f"invalid {cls.__name__.removesuffix('Config')} config in {where}: {e}") from None
+        raise SambayError(f"invalid {cls.FAMILY} config in {where}: {e}") from None
+
+
+_NO_FILE = object()
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """Read a config.json of either family."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise SambayError(f"no config.json at {path}: a model folder needs config.json next to its "
-                          f"weights") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SambayError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
+    data = read_json(path, default=_NO_FILE)
+    if data is _NO_FILE:
+        raise SambayError(f"no config.json at {path}: a model folder needs config.json next to its weights")
     if not isinstance(data, dict):
         raise SambayError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return config_from_dict(data, str(path))
 
 
-def _tiny(**kw: Any) -> SambaYConfig:
-    base = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
-                num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                max_position_embeddings=4096, pad_token_id=511, bos_token_id=511, eos_token_id=511,
-                torch_dtype="float32")
-    base.update(kw)
-    return SambaYConfig(**base)
+def __getattr__(name: str) -> Any:
+    # PRESETS and preset moved to sambay.models.presets, which imports this module; importing it
+    # here only when they are asked for keeps `from sambay.models.config import PRESETS, preset`
+    # working without an import cycle. Import them from sambay.models (or .presets) instead.
+    if name in ("PRESETS", "preset"):
+        from sambay.models import presets
 
-
-def _tiny_phi3(**kw: Any) -> Phi3Config:
-    base = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                sliding_window=None, pad_token_id=511, bos_token_id=511, eos_token_id=511,
-                torch_dtype="float32")
-    base.update(kw)
-    return Phi3Config(**base)
-
-
-# Named presets. `phi4-mini-flash` and `phi4-mini` are the exact released shapes (SambaY and its
-# Transformer baseline); the others run quickly on a laptop CPU. The `-scaled` pair keeps both
-# released layouts, layer counts, head counts and the ratio of their decode-state sizes (25.6x per
-# token) at a quarter of the width, for the generation benchmark. `small-phi3` is a Transformer++
-# (full RoPE) of the same size as `small`, for training comparisons.
-PRESETS: dict[str, Any] = {
-    "phi4-mini-flash": lambda: SambaYConfig(),
-    "phi4-mini": lambda: Phi3Config(),
-    "phi4-mini-flash-scaled": lambda: SambaYConfig(
-        vocab_size=32064, hidden_size=640, intermediate_size=2560, num_attention_heads=40,
-        num_key_value_heads=20, pad_token_id=32000, bos_token_id=32000, eos_token_id=32000),
-    "phi4-mini-scaled": lambda: Phi3Config(
-        vocab_size=32064, hidden_size=768, intermediate_size=2048, num_attention_heads=24,
-        num_key_value_heads=8, pad_token_id=32000, bos_token_id=32000, eos_token_id=32000),
-    "tiny": lambda: _tiny(),
-    "tiny-nodiff": lambda: _tiny(differential_attention=False),
-    "tiny-phi3": lambda: _tiny_phi3(partial_rotary_factor=0.75),
-    "small": lambda: _tiny(vocab_size=4096, hidden_size=256, intermediate_size=1024,
-                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                           sliding_window=128, pad_token_id=0, bos_token_id=0, eos_token_id=0),
-    "small-phi3": lambda: _tiny_phi3(vocab_size=4096, hidden_size=256, intermediate_size=1152,
-                                     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                                     pad_token_id=0, bos_token_id=0, eos_token_id=0),
-}
-
-
-def preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise SambayError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
