@@ -6,12 +6,11 @@
 """
 
 from sambay.runtime.checkpoint import load_model, save_model
-from sambay.models.config import PRESETS, Phi3Config, SambaYConfig, load_config, preset
 from sambay.errors import SambayError
 from sambay.runtime.engine import Engine
 from sambay.runtime.generate import generate, stream
-from sambay.models.sambay import CausalLM, DecodeState, SambaY, build_model
-from sambay.models.phi3 import Phi3
+from sambay.models import PRESETS, CausalLM, DecodeState, Phi3, Phi3Config, SambaY, SambaYConfig, build_model, \
+    load_config, preset
 from sambay.runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from sambay import ops
+from sambay.kernels import NativeOps
+from sambay.kernels import native as kernels
 
 
 def scan_inputs(B=2, T=150, e=24, n=8, seed=0):
@@ -46,8 +48,6 @@ def test_decode_steps_equal_reference():
 @torch.no_grad()
 @pytest.mark.parametrize("n", [16, 5])  # vector lanes only; a scalar tail
 def test_native_decode_step_equals_reference(n):
-    from sambay.kernels import native as kernels
-
     x, dt, A, Bm, Cm, D, s0 = scan_inputs(B=3, T=30, e=300, n=n)
     dt[0, 3, :7] = 40.0  # decays that underflow to 0
     s_ref, s = s0.clone(), s0.clone()
@@ -55,7 +55,7 @@ def test_native_decode_step_equals_reference(n):
         args = (x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], D)
         y = kernels.ssm_step(*args, s)
         assert y is not None  # native kernels are built on this machine
-        torch.testing.assert_close(y, ops.selective_state_step_ref(*args, s_ref), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, ops.selective_state_step(*args, s_ref), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -179,12 +179,10 @@ def test_grouped_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked)
                                                    (300, 64, 128, 15, 70),  # g = 5: pairs and a single
                                                    (90, 12, 20, 6, 3)])  # dims not a multiple of 8
 @pytest.mark.parametrize("blocks", [False, True])
-def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked, blocks):
+def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, masked, blocks, native):
     """softmax(q1.k1) V - lam softmax(q2.k2) V from one pass over V (the native kernel) equals the
     two groups' attention computed apart and subtracted; V as rows or in column blocks (the decode
     state's layout: 32 wide where dv allows, else 2 blocks, which takes the scalar path)."""
-    from sambay.kernels import native as kernels
-
     g = torch.Generator().manual_seed(2)
     B, Hk, lam = 2, 3, 0.37
     k = torch.randn(B, 2 * Hk, S, dk, generator=g).to(dtype)
@@ -196,21 +194,22 @@ def test_differential_decode_attention_equals_reference(dtype, S, dk, dv, Hq, ma
     mask = ops.attention_mask(q_pos, k_pos, valid, None)
     vin = ops.value_blocks(v, 32 if dv % 32 == 0 else dv // 2).contiguous() if blocks else v
     assert torch.equal(ops.value_rows(vin), v)
-    got = ops.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], vin, mask, lam)  # (B, 1, Hq, dv)
     a1 = ops.attention_ref(q1, k[:, :Hk].float(), v.float(), q_pos, k_pos, valid, None)
     a2 = ops.attention_ref(q2, k[:, Hk:].float(), v.float(), q_pos, k_pos, valid, None)
-    torch.testing.assert_close(got[:, 0], (a1 - lam * a2)[:, :, 0], rtol=2e-5, atol=2e-5)
-    q_all = torch.stack([q.reshape(B, Hk, Hq // Hk, dk) for q in (q1, q2)], dim=1)
-    native = kernels.decode_diff_attention(q_all, ops.grouped_keys([k[:, :Hk], k[:, Hk:]], vin), vin, valid, lam)
-    assert native is not None and torch.equal(native.reshape(got.shape), got)  # the kernel ran
+    expect = (a1 - lam * a2)[:, :, 0]
+    torch_out = ops.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], vin, mask, lam)  # (B, 1, Hq, dv)
+    torch.testing.assert_close(torch_out[:, 0], expect, rtol=2e-5, atol=2e-5)
+    fast, called = native
+    with torch.no_grad():
+        got = fast.decode_diff_attention([q1, q2], [k[:, :Hk], k[:, Hk:]], vin, mask, lam)
+    torch.testing.assert_close(got[:, 0], expect, rtol=2e-5, atol=2e-5)
+    assert called == {"decode_diff_attention"}  # the kernel ran
 
 
 def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
     """torch's builder leaves its `lock` file behind when a build is stopped (Ctrl-C during the
     first compile); the next process must load the kernels, not wait for that file forever."""
     import shutil
-
-    from sambay.kernels import native as kernels
 
     if kernels._load() is None:
         pytest.skip(kernels.native_status())
@@ -228,47 +227,56 @@ def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
 # ---- decode glue: each fused op against its PyTorch twin ---------------------------------------------
 
 
-@pytest.fixture
-def native(monkeypatch):
-    """Names of the native glue functions called during the test (so a silent fallback to the
-    PyTorch twin, which would compare the reference with itself, fails the test)."""
-    from sambay.kernels import native as kernels
+class _Recording:
+    """The native library, noting the name of every function called through it."""
 
-    with torch.no_grad():
-        mod, called = kernels.glue(), set()
-    assert mod is not None, kernels.native_status()
-    for name in ("add_layer_norm", "silu_mul", "conv_step", "diff_combine", "kv_write"):
-        monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name: called.add(_n) or _f(*a))
-    return called
+    def __init__(self, lib, called: set):
+        self._lib, self._called = lib, called
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        return lambda *a: self._called.add(name) or fn(*a)
+
+
+@pytest.fixture
+def native():
+    """(NativeOps over the native library, the names of the library functions it called): a silent
+    fallback to the PyTorch version, which would compare the reference with itself, fails the test."""
+    lib, called = kernels.library(), set()
+    assert lib is not None, kernels.native_status()
+    return NativeOps(_Recording(lib, called), level="ops"), called
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("rows, d", [(1, 2560), (3, 77)])
 def test_add_layer_norm_equals_reference(rows, d, native):
+    fast, called = native
     g = torch.Generator().manual_seed(rows)
     h, delta = torch.randn(rows, d, generator=g) * 3 + 1, torch.randn(rows, d, generator=g)
     w, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
     for dl, bias in ((delta, b), (None, b), (delta, None)):
-        got, ref = ops.add_layer_norm(h, dl, w, bias, 1e-5), ops.add_layer_norm_ref(h, dl, w, bias, 1e-5)
+        got, ref = fast.add_layer_norm(h, dl, w, bias, 1e-5), ops.add_layer_norm(h, dl, w, bias, 1e-5)
         for x, y in zip(got, ref):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert ops.add_layer_norm(h, None, w, b, 1e-5)[0] is h  # no copy without delta
-    assert native == {"add_layer_norm"}
+    assert fast.add_layer_norm(h, None, w, b, 1e-5)[0] is h  # no copy without delta
+    assert called == {"add_layer_norm"}
 
 
 @torch.no_grad()
 def test_silu_mul_equals_reference(native):
+    fast, called = native
     g = torch.Generator().manual_seed(0)
     gu = torch.randn(3, 1, 2 * 1003, generator=g) * 30  # large values: exp over- and underflow
     gate, up = gu.chunk(2, -1)  # strided rows, as the MLP's views are
-    torch.testing.assert_close(ops.silu_mul(gate, up), ops.silu_mul_ref(gate, up), rtol=1e-6, atol=1e-6)
-    assert native == {"silu_mul"}
+    torch.testing.assert_close(fast.silu_mul(gate, up), ops.silu_mul(gate, up), rtol=1e-6, atol=1e-6)
+    assert called == {"silu_mul"}
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, bias", [(4, True), (3, False)])
 def test_conv_step_equals_reference(state_dtype, k, bias, native):
+    fast, called = native
     g = torch.Generator().manual_seed(k)
     B, e = 2, 37
     w, b = torch.randn(e, k, generator=g), (torch.randn(e, generator=g) if bias else None)
@@ -276,27 +284,29 @@ def test_conv_step_equals_reference(state_dtype, k, bias, native):
     s2 = s1.clone()
     for _ in range(5):  # the window shifts: later steps read what earlier ones wrote
         x = torch.randn(B, 2 * e, generator=g)[:, :e]
-        torch.testing.assert_close(ops.conv_step(x, s1, w, b), ops.conv_step_ref(x, s2, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.conv_step(x, s1, w, b), ops.conv_step(x, s2, w, b), rtol=1e-5, atol=1e-5)
         assert torch.equal(s1, s2)
-    assert native == {"conv_step"}
+    assert called == {"conv_step"}
 
 
 @torch.no_grad()
 def test_diff_combine_equals_reference(native):
+    fast, called = native
     g = torch.Generator().manual_seed(0)
     o, w = torch.randn(2, 2, 3, 5, 24, generator=g), torch.randn(24, generator=g)
-    torch.testing.assert_close(ops.diff_combine(o, 0.37, w, 1e-5, 0.8), ops.diff_combine_ref(o, 0.37, w, 1e-5, 0.8),
+    torch.testing.assert_close(fast.diff_combine(o, 0.37, w, 1e-5, 0.8), ops.diff_combine(o, 0.37, w, 1e-5, 0.8),
                                rtol=1e-5, atol=1e-5)
     combined = o[:, :1] - 0.37 * o[:, 1:]  # (B, 1, ...): the difference already taken
-    torch.testing.assert_close(ops.diff_combine(combined, 0.37, w, 1e-5, 0.8), ops.diff_combine_ref(o, 0.37, w, 1e-5, 0.8),
+    torch.testing.assert_close(fast.diff_combine(combined, 0.37, w, 1e-5, 0.8), ops.diff_combine(o, 0.37, w, 1e-5, 0.8),
                                rtol=1e-5, atol=1e-5)
-    assert native == {"diff_combine"}
+    assert called == {"diff_combine"}
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("diff, blocks", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write_equals_reference(diff, blocks, dtype, native):
+    fast, called = native
     g = torch.Generator().manual_seed(0)
     B, Hkv, hd, S = 3, 4, 8, 6
     qkv = torch.randn(B, 5 * Hkv * hd, generator=g)  # some query heads first, as projected
@@ -306,12 +316,12 @@ def test_kv_write_equals_reference(diff, blocks, dtype, native):
         vshape = (B, Hkv // 2, 4, S, 2 * hd // 4)
     caches = [(torch.zeros(B, Hkv, S, hd, dtype=dtype), torch.zeros(vshape, dtype=dtype)) for _ in range(2)]
     slot = torch.tensor([0, 5, 2])
-    ops.kv_write(kv, *caches[0], slot, diff)
-    ops.kv_write_ref(kv, *caches[1], slot, diff)
+    fast.kv_write(kv, *caches[0], slot, diff)
+    ops.kv_write(kv, *caches[1], slot, diff)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
     assert caches[0][0].abs().sum() > 0 and caches[0][1].abs().sum() > 0
     if blocks:  # the same values as a write into rows
         rows = (torch.zeros(B, Hkv, S, hd, dtype=dtype), torch.zeros(B, Hkv // 2, S, 2 * hd, dtype=dtype))
-        ops.kv_write_ref(kv, *rows, slot, diff)
+        ops.kv_write(kv, *rows, slot, diff)
         assert torch.equal(ops.value_rows(caches[0][1]), rows[1])
-    assert native == {"kv_write"}
+    assert called == {"kv_write"}

@@ -10,7 +10,9 @@ import torch
 
 import sambay
 from sambay.kernels import native as kernels
-from sambay.kernels.linear import PackedLinear, pack_model, prepare_for_inference, quantize_int8, quantize_model
+from sambay.kernels import PackedLinear, pack_model, prepare_for_inference, quantize_model
+from sambay.kernels import linear as quant
+from sambay.quant import quantize_int8
 
 GOLDEN = "tests/data/golden/phi4flash-tiny"
 
@@ -181,7 +183,7 @@ def test_loading_work_shows_progress_on_a_terminal_only(monkeypatch):
 
 
 def test_fast_cpu_matmul_is_true_for_float32():
-    from sambay.kernels.linear import fast_cpu_matmul
+    from sambay.kernels import fast_cpu_matmul
 
     assert fast_cpu_matmul(torch.float32) and isinstance(fast_cpu_matmul(torch.bfloat16), bool)
 

@@ -13,9 +13,10 @@ import torch
 
 from sambay.errors import SambayError
 from sambay.kernels import native as kernels
-from sambay.kernels.linear import quantize_model
+from sambay.kernels.prepare import quantization_of, quantize_model
+from sambay.models import preset
 from sambay.models.config import (ATTENTION, CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA,
-                                  ModelConfig, Phi3Config, load_config, preset)
+                                  ModelConfig, Phi3Config, load_config)
 from sambay.runtime.checkpoint import load_model, resolve_model, save_model
 
 ROLE = {
@@ -134,8 +135,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     print(f"loading {where} ...", file=sys.stderr, flush=True)
     model = load_model(where, dtype=getattr(torch, args.dtype))
-    if getattr(model, "quantization", None):
-        raise SambayError(f"{where} is already quantized ({model.quantization})")
+    if quantization_of(model):
+        raise SambayError(f"{where} is already quantized ({quantization_of(model)})")
     print("quantizing every linear layer and the head to int8 ...", file=sys.stderr, flush=True)
     quantize_model(model)
     save_model(model, out)

@@ -1,25 +1,21 @@
-"""Weight-only int8 quantization and the fast CPU linear layer used for decoding.
+"""The fast CPU linear layer: `PackedLinear`, which the prepared models use instead of nn.Linear.
 
 Decoding one token reads every weight once, so its speed is set by bytes read: int8 weights with
-one float32 scale per output row halve the bytes of bf16. `PackedLinear` runs the native GEMV
-(sambay.kernels) for the few rows of a decode step and a plain matmul for prefill.
-
-    model = sambay.load_model(path, dtype=torch.bfloat16)
-    quantize_model(model)            # every linear layer and the tied head -> int8
-    save_quantized(model, "out/")    # loads back fast with sambay.load_model("out/")
+one float32 scale per output row halve the bytes of bf16. `PackedLinear` runs the native GEMV for
+the few rows of a decode step (and, where it multiplies int8 activations, for prefill rows too) and
+a plain matmul otherwise. sambay.kernels.prepare swaps it in.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sambay.kernels import native as kernels
+from sambay.kernels import native
+from sambay.quant import quantize_int8
 
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
@@ -46,44 +42,21 @@ def fast_cpu_matmul(dtype: torch.dtype) -> bool:
         return False
 
 
-QUANT_METHOD = "sambay-int8"
+class Scratch:
+    """A reused buffer (per dtype, at most MATMUL_BLOCK_ELEMENTS) that prefill dequantizes weights
+    into, shared by one model's PackedLinear layers and freed with them. Fresh memory costs its page
+    faults at every call: a 20480 x 2560 int8 layer took 8x longer to dequantize into new tensors
+    than into this one."""
 
+    def __init__(self):
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
-_scratch_buffers = threading.local()
-
-
-def _scratch(dtype: torch.dtype, n: int) -> torch.Tensor:
-    """A reused buffer of n elements (per thread and dtype, at most MATMUL_BLOCK_ELEMENTS) that prefill
-    dequantizes weights into. Fresh memory costs its page faults at every call: a 20480 x 2560 int8
-    layer took 175 ms to dequantize into new tensors, 22 ms into this one (the whole model: about
-    9 s of each 512-token chunk's 21 s)."""
-    bufs = _scratch_buffers.__dict__
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = None  # let the old one go first
-        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
-    return buf[:n]
-
-
-def progress(total: int, desc: str, unit: str):
-    """A progress bar on stderr for loading work that can take a while (tqdm). It shows only on a
-    terminal, and is cleared when done: the front-ends' "loaded in" line follows it."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
-                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True, mininterval=0.5)
-
-
-def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row int8: w ~= q * scale[:, None]. Chunked to avoid a float32 copy."""
-    q = torch.empty(w.shape, dtype=torch.int8)
-    scale = torch.empty(w.shape[0], dtype=torch.float32)
-    for r0 in range(0, w.shape[0], rows_per_chunk):
-        block = w[r0:r0 + rows_per_chunk].to(torch.float32, copy=True)  # a copy: divided in place
-        s = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[r0:r0 + rows_per_chunk] = block.div_(s[:, None]).round_().clamp_(-127, 127)
-        scale[r0:r0 + rows_per_chunk] = s
-    return q, scale
+    def get(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < n:
+            self.buffers.pop(dtype, None)  # let the old one go first
+            buf = self.buffers[dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n]
 
 
 class PackedLinear(nn.Module):
@@ -102,6 +75,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_scale", scale, persistent=persistent)
         self.register_buffer("bias", bias, persistent=persistent)
         self.out_dtype = out_dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
+        # Where prefill dequantizes blocks of weights; shared by a model's layers (prepare_for_inference).
+        self.scratch: Scratch | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, int8: bool) -> PackedLinear:
@@ -111,15 +86,6 @@ class PackedLinear(nn.Module):
             q, s = quantize_int8(w)
             return cls(q, bias, s, out_dtype=w.dtype)
         return cls(w, bias)
-
-    def native(self) -> list[torch.Tensor] | None:
-        """[weight, scale, bias] as the native decode blocks take a linear layer (empty tensors for
-        none), or None if its bias is not float32."""
-        buf = self._buffers  # directly: this runs for every layer at every decode step
-        b, s = buf["bias"], buf["weight_scale"]
-        if b is not None and b.dtype != torch.float32:
-            return None
-        return [buf["weight"], kernels._EMPTY if s is None else s, kernels._EMPTY if b is None else b]
 
     def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,22 +106,22 @@ class PackedLinear(nn.Module):
         return rows if scale is None else rows.mul_(scale[r0:r1].to(dtype)[:, None])
 
     def tile(self) -> None:
-        """int8 weights into the 4-row tiles the AVX2 GEMV streams (kernels.tile_int8), where the
+        """int8 weights into the 4-row tiles the AVX2 GEMV streams (native.tile_int8), where the
         shape allows; state_dict still gives (and load_state_dict takes) the plain rows."""
         w = self.weight
         if w.dtype == torch.int8 and w.dim() == 2 and w.shape[0] % 4 == 0 and w.shape[1] % 64 == 0:
-            self.weight = kernels.tile_int8(w)
+            self.weight = native.tile_int8(w)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight"
         if key in destination and destination[key].dim() == 4 and not keep_vars:  # keep_vars: as stored
-            destination[key] = kernels.untile_int8(destination[key])
+            destination[key] = native.untile_int8(destination[key])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if self.weight is not None and self.weight.dim() == 4 and key in state_dict and state_dict[key].dim() == 2:
-            state_dict[key] = kernels.tile_int8(state_dict[key])
+            state_dict[key] = native.tile_int8(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +130,9 @@ class PackedLinear(nn.Module):
         if x2.shape[0] <= GEMV_MAX_ROWS or self._gemv_for(x2):
             b = self.bias
             if b is None or b.dtype == torch.float32:  # the kernel adds a float32 bias itself
-                y = kernels.gemv(x2, self.weight, self.weight_scale, bias=b)
+                y = native.gemv(x2, self.weight, self.weight_scale, bias=b)
             else:
-                y = kernels.gemv(x2, self.weight, self.weight_scale) + b
+                y = native.gemv(x2, self.weight, self.weight_scale) + b
         else:
             y = self._matmul(x2)
         return y.reshape(*lead, self.out_features)
@@ -176,7 +142,7 @@ class PackedLinear(nn.Module):
         if x2.device.type != "cpu":
             return False
         if self.weight_scale is not None:  # int8: where the GEMV multiplies int8 activations
-            return kernels.int8_rows_fast()
+            return native.int8_rows_fast()
         # bf16 weights that the matmul would first convert to float32 (no fast bf16 matmul here)
         return (x2.shape[0] <= GEMV_CONVERT_MAX_ROWS and self.weight.dtype != torch.float32
                 and not fast_cpu_matmul(self.weight.dtype))
@@ -194,7 +160,8 @@ class PackedLinear(nn.Module):
         for r0 in range(0, self.out_features, step):
             r1 = min(self.out_features, r0 + step)
             bias = None if self.bias is None else self.bias[r0:r1].to(dt)
-            w = self.dequantized(dt, r0, r1, out=_scratch(dt, (r1 - r0) * self.in_features))
+            n = (r1 - r0) * self.in_features
+            w = self.dequantized(dt, r0, r1, out=self.scratch.get(dt, n) if self.scratch is not None else None)
             outs.append(F.linear(x2, w, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -202,143 +169,3 @@ class PackedLinear(nn.Module):
         kind = "int8" if self.weight_scale is not None else str(self.weight.dtype).removeprefix("torch.")
         kind += ", 4-row tiles" if self.weight.dim() == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, {kind}"
-
-
-def _linears(model: nn.Module, dt_proj: bool = False):
-    """Every nn.Linear; Mamba's small dt_proj only when asked (it stays unquantized, see below)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (name == "dt_proj") == dt_proj:
-                yield parent, name, child
-
-
-def _pack_dt_proj(model: nn.Module) -> None:
-    """dt_proj keeps its weights (0.2% of the model; dt feeds exp() so precision matters) and
-    returns float32 with its bias added in float32, as the SSM expects."""
-    for parent, name, lin in _linears(model, dt_proj=True):
-        setattr(parent, name, PackedLinear(lin.weight.detach(), lin.bias.detach().float(),
-                                           out_dtype=torch.float32))
-
-
-@torch.no_grad()
-def float32_activations(model) -> None:
-    """In place: every parameter and buffer except the packed weights and the embedding becomes
-    float32 (norms, conv taps, biases, D: well under 1% of the bytes). A packed model then computes
-    in float32 between its GEMVs, as llama.cpp does, instead of converting its activations to and
-    from bfloat16 around every one of them; only the K/V cache keeps the model's dtype."""
-    keep = {id(model.model.embed_tokens.weight)}
-    keep |= {id(m.weight) for m in model.modules() if isinstance(m, PackedLinear)}
-    for mod in model.modules():
-        for name, p in mod.named_parameters(recurse=False):
-            if id(p) not in keep and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
-        for name, b in mod.named_buffers(recurse=False):
-            if b is not None and id(b) not in keep and b.is_floating_point() and b.dtype != torch.float32:
-                setattr(mod, name, b.float())
-
-
-def int8_skeleton(model):
-    """Turn a meta-device model into the int8 layout, so a quantized checkpoint can be loaded into it."""
-    for parent, name, lin in _linears(model):
-        N, K = lin.weight.shape
-        bias = None if lin.bias is None else torch.empty(N, dtype=lin.bias.dtype, device="meta")
-        setattr(parent, name, PackedLinear(torch.empty(N, K, dtype=torch.int8, device="meta"), bias,
-                                           torch.empty(N, device="meta"), out_dtype=lin.weight.dtype))
-    if model.lm_head is None:  # tied head: an int8 copy of the embedding
-        emb = model.model.embed_tokens.weight
-        model.lm_head = PackedLinear(torch.empty(emb.shape, dtype=torch.int8, device="meta"), None,
-                                     torch.empty(emb.shape[0], device="meta"), out_dtype=emb.dtype)
-    model.quantization = "int8"
-    return model
-
-
-@torch.no_grad()
-def quantize_model(model, mode: str = "int8"):
-    """In place: every nn.Linear and the output head (tied or not) become int8 PackedLinear layers."""
-    if mode != "int8":
-        from sambay.errors import SambayError
-
-        raise SambayError(f"unknown quantization {mode!r}; supported: int8")
-    linears = list(_linears(model))  # an untied lm_head is one of them
-    emb = model.model.embed_tokens.weight if model.lm_head is None else None  # a tied head
-    total = sum(lin.weight.numel() for _, _, lin in linears) + (emb.numel() if emb is not None else 0)
-    with progress(total, "quantizing to int8", "weights") as bar:
-        for parent, name, lin in linears:
-            setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
-            bar.update(lin.weight.numel())
-        if emb is not None:  # the tied head: an int8 copy of the embedding, which stays for lookups
-            q, s = quantize_int8(emb.detach())
-            model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
-            bar.update(emb.numel())
-    _pack_dt_proj(model)
-    float32_activations(model)
-    model.quantization = mode
-    return model
-
-
-@torch.no_grad()
-def pack_model(model):
-    """In place, no quantization: route decode-time linears (and the tied head, sharing the
-    embedding without a copy) through the native GEMV, activations in float32. Idempotent."""
-    for parent, name, lin in _linears(model):
-        setattr(parent, name, PackedLinear.from_linear(lin, int8=False))
-    _pack_dt_proj(model)
-    if model.lm_head is None:
-        model.lm_head = PackedLinear(model.model.embed_tokens.weight, persistent=False)
-    float32_activations(model)
-    return model
-
-
-def prepare_for_inference(model, quantize: str | None = None):
-    """The one call front-ends make after loading: int8 if asked, otherwise pack the existing
-    weights for the fast decode path. A checkpoint that is already int8 stays as it is.
-    The native kernels are built (first use) or loaded here, and the weights brought into memory,
-    so that no timed step pays for either."""
-    kernels.native_status()
-    if getattr(model, "quantization", None):
-        _pack_dt_proj(model)
-        float32_activations(model)
-    elif quantize:
-        quantize_model(model, quantize)
-    else:
-        pack_model(model)
-    if kernels.tiles_int8():
-        tile_int8_weights(model)
-    prefault(model)
-    return model
-
-
-@torch.no_grad()
-def tile_int8_weights(model) -> None:
-    """In place: every int8 PackedLinear in 4-row tiles (PackedLinear.tile), the layout the AVX2
-    int8 GEMV streams fastest (1.1-1.2x for the K = 2560 layers of Phi-4-mini-flash)."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.weight.dtype == torch.int8]
-    with progress(sum(m.weight.numel() for m in layers), "int8 weights into tiles", "weights") as bar:
-        for m in layers:
-            m.tile()
-            bar.update(m.weight.numel())
-
-
-PAGE = 4096
-
-
-@torch.no_grad()
-def prefault(model) -> None:
-    """Touch one byte of every page of every weight, as llama.cpp's mmap prefetch does.
-
-    Weights loaded from safetensors are memory-mapped: each page is read from disk the first time
-    it is used. Decoding touches all of a linear layer's pages in the first step, but only one
-    embedding row per token, so without this every new token id would stall its step on a disk
-    read (measured: 25-45 ms each, for a 1 GB embedding whose pages had left the page cache)."""
-    seen, storages = set(), []
-    for t in list(model.parameters()) + list(model.buffers()):
-        storage = t.untyped_storage()
-        if t.device.type != "cpu" or storage.nbytes() == 0 or storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        storages.append(storage)
-    with progress(sum(s.nbytes() for s in storages), "reading weights into memory", "B") as bar:
-        for storage in storages:
-            flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-            flat[::PAGE].max()
-            bar.update(storage.nbytes())

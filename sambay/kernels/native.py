@@ -1,4 +1,4 @@
-"""Optional native kernels (sambay/csrc), compiled on first use for this machine's CPU.
+"""Optional native kernels (sambay/kernels/csrc), compiled on first use for this machine's CPU.
 
 `gemv(x, w, scale)` computes x @ w.T * scale for a few activation rows, streaming the weights at
 close to memory bandwidth. If no C++ compiler is available, or SAMBAY_NATIVE=0, the pure-PyTorch
@@ -158,7 +158,7 @@ def int8_rows_fast() -> bool:
     return any(p.startswith("int8-") for p in fast_paths())
 
 
-_EMPTY = torch.empty(0)
+EMPTY = torch.empty(0)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
@@ -173,8 +173,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
             x.requires_grad or w.requires_grad):
         y = gemv_ref(x, w, scale)
         return y if bias is None else y + bias
-    return mod.gemv(x.float(), w, _EMPTY if scale is None else scale, int(exact),
-                    _EMPTY if bias is None else bias)
+    return mod.gemv(x.float(), w, EMPTY if scale is None else scale, int(exact),
+                    EMPTY if bias is None else bias)
 
 
 def stream_read(buf: torch.Tensor) -> float:
@@ -206,7 +206,7 @@ def decode_diff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
 
 
 def ssm_step(x, dt, A, Bm, Cm, D, state: torch.Tensor):
-    """Native Mamba decode step (see ops.selective_state_step), or None when unavailable."""
+    """Native Mamba decode step (ops.selective_state_step is its reference), or None when unavailable."""
     mod = _load()
     if (mod is None or state.device.type != "cpu" or not state.is_contiguous() or torch.is_grad_enabled()
             or any(t.dtype != torch.float32 for t in (x, dt, A, Bm, Cm, D, state))):
@@ -214,24 +214,6 @@ def ssm_step(x, dt, A, Bm, Cm, D, state: torch.Tensor):
     return mod.ssm_step(x, dt, A, Bm, Cm, D, state)
 
 
-# ---- fused decode glue (csrc/glue.cpp); the PyTorch twins and the dispatch live in sambay/ops.py ----
-
-
-def glue():
-    """The native glue module when it can run here and now (no autograd wanted), else None."""
-    mod = _module or _load()
-    return None if mod is None or torch.is_grad_enabled() else mod
-
-
-# Decode blocks: one native call per MLP or mixer when decoding a packed model (sambay.model).
-# False sends decode through the models' modules op by op instead: the blocks' reference.
-BLOCKS = True
-
-
-def blocks():
-    return glue() if BLOCKS else None
-
-
-# With the blocks: a decode step's whole layer stack in one native call (decode_layers), so no
-# Python runs between layers. False calls the blocks layer by layer from Python: its reference.
-STEP = True
+def library():
+    """The native extension module, or None where it cannot be built or is disabled (SAMBAY_NATIVE=0)."""
+    return _module or _load()

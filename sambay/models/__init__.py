@@ -4,9 +4,13 @@ Nothing here knows about native kernels or quantization: those are applied from 
 model is prepared for inference (sambay.kernels.prepare).
 """
 
-from sambay.models.config import PRESETS, ModelConfig, Phi3Config, SambaYConfig, load_config, preset
+from sambay.models.base import CausalLM
+from sambay.models.config import ModelConfig, Phi3Config, SambaYConfig, load_config
 from sambay.models.phi3 import Phi3
-from sambay.models.sambay import CausalLM, DecodeState, SambaY, build_model
+from sambay.models.presets import PRESETS, preset
+from sambay.models.registry import FAMILIES, build_model
+from sambay.models.sambay import SambaY
+from sambay.models.state import DecodeState, Positions
 
-__all__ = ["PRESETS", "CausalLM", "DecodeState", "ModelConfig", "Phi3", "Phi3Config", "SambaY", "SambaYConfig",
+__all__ = ["FAMILIES", "PRESETS", "CausalLM", "DecodeState", "Positions", "ModelConfig", "Phi3", "Phi3Config", "SambaY", "SambaYConfig",
            "build_model", "load_config", "preset"]

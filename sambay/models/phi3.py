@@ -4,7 +4,7 @@ This is the architecture of Phi-4-mini(-reasoning) and Phi-3: every layer is cau
 (fused `qkv_proj`, RoPE on the first `partial_rotary_factor` of each head, grouped-query K/V) then a
 SwiGLU MLP (fused `gate_up_proj`), each behind an RMSNorm. Parameter names are the checkpoint's, so
 a real Phi-4-mini folder loads with no renaming. It runs on the same engine, decode state, kernels
-and int8 quantization as SambaY: attention reuses `model.Attention`'s cache and attend code, so the
+and int8 quantization as SambaY: attention reuses `models.attention.KVAttention's cache and attend code, so the
 only new pieces are the projections, RMSNorm and RoPE.
 
 RoPE follows transformers exactly, including LongRoPE: within one forward call, the long factors
@@ -22,14 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sambay.models.config import ATTENTION, Phi3Config
-from sambay.models.sambay import Attention, CausalLM, Positions
+from sambay.models.attention import KVAttention
+from sambay.models.base import CausalLM
+from sambay.models.state import Positions
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions of one call, (B, T, rotary_dim), RoPE's half-split layout.
 
     The inverse frequencies are made on first use rather than held as buffers: models are built on
-    the meta device and materialized without running __init__ again (see model.build_model).
+    the meta device and materialized without running __init__ again (see models.registry.build_model).
     """
 
     def __init__(self, cfg: Phi3Config):
@@ -70,16 +72,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rot * cos + half * sin, rest], dim=-1)
 
 
-class SelfAttention(Attention):
-    """Causal GQA self-attention with RoPE; K/V kept like `Attention`'s plain (non-differential) case."""
+class SelfAttention(KVAttention):
+    """Causal GQA self-attention with RoPE; K/V kept in the plain (non-differential) cache layout."""
 
     def __init__(self, cfg: Phi3Config, layer: int):
-        nn.Module.__init__(self)
-        H, Hkv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.H, self.Hkv, self.hd, self.cross = H, Hkv, hd, False
-        self.window = cfg.window_of(layer)
-        self.diff = False
-        self.dropout = cfg.attention_dropout
+        super().__init__(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.window_of(layer),
+                         differential=False, dropout=cfg.attention_dropout)
+        H, Hkv, hd, d = self.H, self.Hkv, self.hd, cfg.hidden_size
         self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, d, bias=False)
 
@@ -91,8 +90,8 @@ class SelfAttention(Attention):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(kv[:, :, : self.Hkv], cos, sin)
         k, v = self.to_cache_layout(k, kv[:, :, self.Hkv:])  # (B, Hkv, T, hd) each
-        k, v, k_pos, k_valid = self._with_cache(k, v, at, layer)
-        o = self._attend(q, k, v, at, k_pos, k_valid)  # (B, T, H * hd)
+        k, v, k_pos, k_valid = self.with_cache(k, v, at, layer)
+        o = self.attend(q, k, v, at, k_pos, k_valid)  # (B, T, H * hd)
         return self.o_proj(o.to(h.dtype))
 
 

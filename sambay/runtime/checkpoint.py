@@ -16,11 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sambay.models.config import PRESETS, load_config, preset
 from sambay.errors import SambayError
-from sambay.files import atomic_path, atomic_write_text
-from sambay.models.sambay import FP32_PARAMS, CausalLM, build_model
-from sambay.kernels.linear import QUANT_METHOD, int8_skeleton
+from sambay.files import atomic_path, atomic_write_text, is_hub_id, read_json
+from sambay.kernels.prepare import int8_skeleton, quantization_of
+from sambay.models import PRESETS, CausalLM, build_model, load_config, preset
+from sambay.models.base import FP32_PARAMS
+from sambay.quant import QUANT_METHOD
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,7 +48,7 @@ def resolve_model(name: str | os.PathLike | None) -> Path | str:
     if path.exists():
         raise SambayError(f"{path} is a file; --model takes a model folder (config.json + *.safetensors)")
     text = str(name)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         return _from_hub(text)
     raise SambayError(f"no model folder at {path}; give a folder with config.json and *.safetensors, "
                       f"a Hugging Face repo id like microsoft/Phi-4-mini-flash-reasoning, or a preset "
@@ -83,7 +84,6 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
     if isinstance(where, str):  # a preset: random weights, built straight in the target dtype
         cfg = preset(where)
         model = build_model(cfg, dtype or torch.float32, init=True, seed=seed, fast_init=True)
-        model.generation_config = {}
         model.source = f"preset {where} (random weights)"
         return model
     cfg = load_config(where / "config.json")
@@ -100,18 +100,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
         if quant:
             int8_skeleton(model)
         _load_weights(model, where)
-    model.generation_config = _read_json(where / "generation_config.json")
+    model.generation_config = read_json(where / "generation_config.json", {})
     model.source = str(where)
     return model.eval()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SambayError(f"{path} is not valid JSON ({e})") from None
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -119,7 +110,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_FILE
     single = folder / SINGLE_FILE
     if index.exists():
-        data = _read_json(index)
+        data = read_json(index, {})
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SambayError(f"{index} has no weight_map; re-download or re-export the checkpoint")
@@ -193,7 +184,7 @@ def save_model(model: CausalLM, folder: str | os.PathLike, max_shard_bytes: int 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     dtype = dtype or model.dtype
-    quantized = getattr(model, "quantization", None)
+    quantized = quantization_of(model)
     state = {}
     for name, t in model.state_dict().items():
         if name.startswith("lm_head.") and cfg.tie_word_embeddings and not quantized:
@@ -234,7 +225,7 @@ def save_model(model: CausalLM, folder: str | os.PathLike, max_shard_bytes: int 
     else:
         saved_cfg.extra = {k: v for k, v in saved_cfg.extra.items() if k != "quantization_config"}
     saved_cfg.to_json(folder / "config.json")
-    gen = dict(getattr(model, "generation_config", None) or {})
+    gen = dict(model.generation_config)
     gen.setdefault("bos_token_id", cfg.bos_token_id)
     gen.setdefault("eos_token_id", cfg.eos_token_id)
     gen.setdefault("pad_token_id", cfg.pad_token_id)

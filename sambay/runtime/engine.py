@@ -41,7 +41,7 @@ PREFILL_CHUNK = 512
 
 def default_stop_ids(model) -> list[int]:
     """The model's end-of-sequence ids: generation_config.json's eos_token_id, else config.json's."""
-    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    eos = model.generation_config.get("eos_token_id")
     if eos is None:
         return list(model.config.eos_token_ids)
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]

@@ -17,8 +17,8 @@ import time
 import torch
 
 from sambay.errors import SambayError
-from sambay.kernels.linear import prepare_for_inference
-from sambay.models.sambay import CausalLM
+from sambay.kernels.prepare import prepare_for_inference
+from sambay.models import CausalLM
 from sambay.runtime.checkpoint import load_model, resolve_model
 from sambay.tokenizer import Tokenizer, load_tokenizer
 
