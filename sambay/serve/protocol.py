@@ -1,27 +1,21 @@
-"""The OpenAI API's request bodies as pydantic models, and the one mapping from a request to SamplingParams.
+"""The OpenAI API's request bodies as pydantic models, and what a request means to the engine:
+its prompt ids (`chat_prompt`, `completion_prompts`) and its one SamplingParams (`sampling_params`).
 
 Fields are in the order of the OpenAI API reference, sambay's (and vLLM's) extensions at the end.
 Validation is strict, as in the OpenAI API ("0.5" is not a number, unknown fields are refused), and
 every problem becomes an `APIError`: an HTTP status with OpenAI's {"error": {...}} body, naming the
-field. sambay/server.py reads the HTTP request, calls `parse_request` and `sampling_params`, and
-turns the engine's outputs into OpenAI JSON.
+field. The routes (sambay/serve/app.py) call `parse_json`, then these mappings; the engine's
+outputs become OpenAI JSON in sambay/serve/responses.py.
 """
 
 # No `from __future__ import annotations`: pydantic reads these annotations at class creation.
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-try:
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-except ImportError:  # no `serve` extra: the module must still import for `sambay --help`;
-    BaseModel, ValidationError = object, Exception  # `sambay serve` then says what to install
-
-    def ConfigDict(**kw):  # noqa: N802 - stand-ins with pydantic's names
-        return kw
-
-    def Field(default=None, **kw):  # noqa: N802
-        return default
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
@@ -135,9 +129,7 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self):
-        from fastapi.responses import JSONResponse
-
+    def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
@@ -175,8 +167,20 @@ def parse_request(model: type[BaseModel], data: Any) -> Any:
         raise _validation_error(e) from None
 
 
+def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
+    """A request body's bytes as `model`, whatever its content type (`curl -d` sends
+    form-urlencoded); JSON that does not parse is a 400 saying where."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise APIError(400, f"the request body is not valid JSON ({getattr(e, 'msg', e)}{where}); "
+                            f"send one JSON object") from None
+    return parse_request(model, data)
+
+
 # ---------------------------------------------------------------------------------------------
-# Request -> SamplingParams
+# Request -> prompt ids and SamplingParams
 # ---------------------------------------------------------------------------------------------
 
 
@@ -253,3 +257,50 @@ def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> Sampli
         return params.validate()
     except SambayError as e:
         raise APIError(400, str(e)) from None
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices: seeds seed, seed+1, ... (wrapping within int64), or each its own random seed."""
+    if params.seed is None:
+        return [params] * n
+    return [params.replace(seed=(params.seed + i - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0]) for i in range(n)]
+
+
+def _message_text(message: ChatMessage) -> str:
+    if isinstance(message.content, list):
+        return "".join(part.text for part in message.content)
+    return message.content or ""
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    """The messages through the model's chat template, ending with the assistant's turn."""
+    if not req.messages:
+        raise APIError(400, "messages must not be empty; send at least one {\"role\": \"user\", \"content\": ...}",
+                       param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+                for m in req.messages]
+    try:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    except SambayError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def completion_prompts(req: CompletionRequest, info: ModelInfo) -> list[list[int]]:
+    """One list of ids per prompt: text is encoded, token ids are checked against the vocabulary."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts = [info.tokenizer.encode(prompt)]
+    elif prompt and isinstance(prompt[0], str):
+        prompts = [info.tokenizer.encode(p) for p in prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "the prompt is empty; send some text or token ids", param="prompt")
+    for p in prompts:
+        bad = [i for i in p if not 0 <= i < info.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range; this model's ids are 0..{info.vocab_size - 1}",
+                           param="prompt")
+    return prompts
