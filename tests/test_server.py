@@ -17,11 +17,22 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
 import sambay
 from sambay.bench.decode import spawn, wait_ready
+from sambay.cli import build_parser, main
+from sambay.kernels import prepare_for_inference
+from sambay.runtime.checkpoint import DEFAULT_MODEL_DIR
+from sambay.runtime.engine import Engine
+from sambay.runtime.sampling import SamplingParams
+from sambay.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
+from sambay.tokenizer import train_bpe_tokenizer
+
+# One CPU thread: the tiny model is many times faster on one, and the server is told --threads 1.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 512
 STOP_IDS = [0, 4]  # <|endoftext|> (the config's eos) and <|end|> (the end of a chat turn)
@@ -53,8 +64,6 @@ def chat_text() -> str:
 
 def build_tiny_folder(folder: Path, steps: int = 120) -> Path:
     """The tiny preset with a trained BPE tokenizer, trained for a few seconds, saved to `folder`."""
-    from sambay.tokenizer import train_bpe_tokenizer
-
     tok = train_bpe_tokenizer([ENGLISH, chat_text()] * 2, vocab_size=VOCAB)
     cfg = sambay.preset("tiny").replace(vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     model = sambay.build_model(cfg, seed=0).train()
@@ -77,15 +86,10 @@ def build_tiny_folder(folder: Path, steps: int = 120) -> Path:
 
 
 def tiny_folder(tmp_path_factory) -> Path:
-    """Built once per test session (shared with test_server_load.py)."""
+    """Built once per test session (shared with test_server_load.py; both run on one_thread)."""
     folder = tmp_path_factory.getbasetemp() / "sambay-tiny-server-model"
     if not (folder / "model.safetensors").exists():
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)  # the tiny model is many times faster on one thread
-        try:
-            build_tiny_folder(folder)
-        finally:
-            torch.set_num_threads(before)
+        build_tiny_folder(folder)
     return folder
 
 
@@ -183,14 +187,6 @@ def assert_openai_error(status: int, body: dict, want_status: int, param=None):
 # ---- fixtures --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_folder(tmp_path_factory)
@@ -199,8 +195,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(folder):
     """The same checkpoint in-process, prepared as the server prepares it."""
-    from sambay.kernels.linear import prepare_for_inference
-
     return prepare_for_inference(sambay.load_model(folder)), sambay.load_tokenizer(folder)
 
 
@@ -225,8 +219,6 @@ def server(folder, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
-    import openai
-
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -347,10 +339,27 @@ def test_penalties_and_extra_sampling_fields(server, client, reference):
     r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=1.5,
                                   extra_body={"top_k": 1, "min_p": 0.1})
     assert r.choices[0].text == plain.choices[0].text
-    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0,
-                                  frequency_penalty=2.0, presence_penalty=2.0,
-                                  extra_body={"repetition_penalty": 3.0})
-    assert r.choices[0].text != plain.choices[0].text
+    # Penalties only lower the logits of ids already seen (in the prompt or the output), so they can
+    # change a greedy text only where it would repeat an id, and a short reply may repeat none. So
+    # the penalized requests run on past end-of-turn (ignore_eos) until ids repeat; each must give
+    # the engine's own text under the same penalties, and that text must differ from plain greedy.
+    model, tok = reference
+    engine = Engine(model, tok, max_batch_size=1, max_length=64)
+    ids = tok.encode(PROMPTS[0])
+
+    def engine_text(**penalties) -> str:
+        out = engine.run([ids], SamplingParams(max_new_tokens=30, stop_token_ids=[], **penalties))[0]
+        return tok.decode(out.output_ids)
+
+    unpenalized = engine_text()
+    for openai_fields, extra in (({"frequency_penalty": 2.0, "presence_penalty": 2.0}, {"repetition_penalty": 3.0}),
+                                 ({}, {"repetition_penalty": 3.0}),
+                                 ({"frequency_penalty": 2.0, "presence_penalty": 2.0}, {})):
+        want = engine_text(**openai_fields, **extra)
+        assert want != unpenalized, (openai_fields, extra)  # else the case could not tell penalties from none
+        r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                      **openai_fields, extra_body={"ignore_eos": True, **extra})
+        assert r.choices[0].text == want, (openai_fields, extra)
     # ignore_eos generates exactly max_tokens even through end-of-turn tokens.
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": CHATS[2][0]}],
                                        max_tokens=25, temperature=0, extra_body={"ignore_eos": True})
@@ -478,8 +487,6 @@ def test_errors_in_streams_and_odd_transports(server, client):
     status, _, data = request(server.url, "GET", "/v1/chat/completions")
     assert_openai_error(status, json.loads(data), 405)
     # The openai client turns these into its exceptions.
-    import openai
-
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CHAT["messages"])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -587,9 +594,8 @@ def guarded(folder, tmp_path_factory):
     assert s.stop() == 0, s.log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_health_is_503_until_loaded_and_the_api_key_is_checked(guarded, folder):
-    import openai
-
     status, _, body = request(guarded.url, "GET", "/health")
     assert (status, json.loads(body)["status"]) == (503, "loading")
     status, body = post(guarded.url, "/v1/completions", {**COMPLETION, "model": folder.name},
@@ -616,6 +622,7 @@ def test_health_is_503_until_loaded_and_the_api_key_is_checked(guarded, folder):
     assert r.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429(guarded):
     wait_ready(guarded.url, proc=guarded.proc)
     name = json.loads(request(guarded.url, "GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[2])
@@ -645,6 +652,7 @@ def test_a_full_queue_answers_429(guarded):
     assert status == 200
 
 
+@pytest.mark.slow
 def test_sigterm_lets_running_streams_finish_within_the_timeout_then_exits_0(folder, tmp_path):
     s = Server(folder, tmp_path / "server.log", "--shutdown-timeout", "3")
     wait_ready(s.url, proc=s.proc)
@@ -678,8 +686,6 @@ def test_sigterm_lets_running_streams_finish_within_the_timeout_then_exits_0(fol
 
 
 def test_help_shows_every_environment_twin(monkeypatch, capsys):
-    from sambay.cli import build_parser
-
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -698,8 +704,6 @@ def test_help_shows_every_environment_twin(monkeypatch, capsys):
 
 
 def test_sampling_params_mapping():
-    from sambay.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelInfo, sampling_params
-
     info = ModelInfo(tokenizer=None, vocab_size=VOCAB, max_model_len=100, max_tokens=50, stop_ids=[0, 4],
                      defaults={"temperature": 0.6, "top_p": 0.95})
     chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
@@ -714,9 +718,6 @@ def test_sampling_params_mapping():
 
 
 def test_startup_errors_are_one_line(folder, tmp_path, capsys):
-    from sambay.runtime.checkpoint import DEFAULT_MODEL_DIR
-    from sambay.cli import main
-
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sambay: error: no model folder at") and err.count("\n") == 1

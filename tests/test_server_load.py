@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from sambay.bench.decode import bench_clients, wait_ready
-from test_server import (CHATS, PROMPTS, Server, _start_then_drop, post, request, sse, tiny_folder,
-                         wait_idle)
+from test_server import (CHATS, PROMPTS, Server, _start_then_drop, metrics, post, request, sse,
+                         tiny_folder, wait_idle)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is built in-process on one thread
 
 CLIENTS = 32
 MAX_TOKENS = 40
@@ -53,6 +55,7 @@ def text_of(path: str, events: list) -> tuple[str, str]:
     return "".join(c["choices"][0]["text"] for c in chunks), finish[0]
 
 
+@pytest.mark.slow
 def test_32_streaming_clients_while_others_hang_up(server):
     # Each distinct request alone first: the results every concurrent client must reproduce.
     alone = {}
@@ -128,13 +131,29 @@ def test_32_streaming_clients_while_others_hang_up(server):
     assert status == 200 and body["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.slow
 def test_aggregate_tokens_per_second_1_vs_32_clients(server):
-    rows = bench_clients(server.url, "tiny", clients=(1, 32), max_tokens=64)
+    """`sambay bench serve`'s measurement against this server: its figures are printed, not
+    asserted (speed depends on the machine; benchmarks measure it). What is asserted is what makes
+    32 clients faster together than one: their decode steps were batched, all 8 rows at once."""
+    running, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            running.append(metrics(server.url)["sambay_running_requests"])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        rows = bench_clients(server.url, "tiny", clients=(1, 32), max_tokens=64)
+    finally:
+        done.set()
+        watcher.join()
     print()
     for r in rows:
         print(f"{r['clients']:>3} clients: {r['tokens_per_second']:8.1f} tok/s aggregate, "
               f"{r['per_client_tokens_per_second']:7.1f} per client, ttft {r['mean_ttft_s']:.3f} s")
     one, many = rows
     assert one["completion_tokens"] == 64 and many["completion_tokens"] == 32 * 64
-    # Batching: 32 clients share decode steps (8 rows at a time), so together they go much faster.
-    assert many["tokens_per_second"] > 2 * one["tokens_per_second"], rows
+    assert max(running) == 8, max(running)  # --max-batch-size 8: never more, and filled
