@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import sambay
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"
+from conftest import GOLDEN  # noqa: E402 - the shared path
 
 
 @pytest.fixture(scope="module")

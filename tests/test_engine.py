@@ -15,18 +15,11 @@ from sambay.runtime.text import StopStrings
 from sambay.runtime.sampling import (SamplingParams, TokenCounts, apply_penalties, filter_mask, filter_mask_ref,
                              sample)
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"
+from conftest import GOLDEN  # noqa: E402 - the shared path
 PROMPTS = [[5, 17, 200], list(range(40, 51)), [(7 * i + 3) % 500 for i in range(21)]]  # lengths 3, 11, 21
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is dominated by per-op overhead: one thread is many times faster than two
-    threads on shared cores (spin-waiting), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

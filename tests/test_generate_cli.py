@@ -16,17 +16,12 @@ from sambay.cli import build_parser, main
 from sambay.runtime.engine import Engine
 from sambay.cli.generate import sampling_params
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"
+from conftest import GOLDEN  # noqa: E402 - the shared path
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "SAMBAY_THREADS": "1"}
 CMD = [sys.executable, "-m", "sambay", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model runs many times faster single-threaded on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import sambay
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "phi4flash-tiny"
+from conftest import GOLDEN  # noqa: E402 - the shared path
 
 
 def close(actual, expected, what):
