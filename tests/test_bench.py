@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import sambay
+from sambay.bench.prefill import time_prefill
 from sambay.cli import main
+from sambay.kernels import PackedLinear, prepare_for_inference
+from sambay.models.config import KV_ATTENTION
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # and restores the thread count `--threads 1` sets
 
 
 def last_json(capsys) -> dict:
@@ -18,6 +23,7 @@ def last_json(capsys) -> dict:
     return json.loads(out[-1])
 
 
+@pytest.mark.slow  # two runs, each reading a 1 GiB buffer a dozen times for the bandwidth
 @pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
 def test_bench_decode_reports_consistent_figures(capsys, quantize):
     assert main(["--threads", "1", "bench", "decode", "--preset", "tiny", "--random-weights",
@@ -41,7 +47,12 @@ def test_bench_decode_reports_consistent_figures(capsys, quantize):
     assert r["roofline_fraction_vs_best"] == pytest.approx(r["achieved_gbs"] / r["best_bandwidth_gbs"],
                                                            rel=0.02, abs=1e-3)
     assert r["roofline_fraction_vs_best"] <= r["roofline_fraction"] + 1e-3
-    assert r["tokens_per_s"] > 0 and r["context"] == 100 and r["quantize"] == ("int8" if quantize else "none")
+    # the step is the median of the timed steps, and tokens/s and GB/s follow from it
+    step = sorted(r["steps_ms"])[1] * 1e-3
+    assert r["step_ms"] == pytest.approx(step * 1e3, abs=0.01)
+    assert r["tokens_per_s"] == pytest.approx(r["batch"] / step, rel=0.01)
+    assert r["achieved_gbs"] == pytest.approx(r["bytes_per_step"] / step / 1e9, rel=0.01, abs=0.01)
+    assert r["context"] == 100 and r["tokens"] == 3 and r["quantize"] == ("int8" if quantize else "none")
 
 
 def test_bench_decode_counts_every_layers_kv_for_the_transformer_baseline(capsys):
@@ -57,18 +68,16 @@ def test_bench_prefill_reports_each_length(capsys):
     assert main(["--threads", "1", "bench", "prefill", "--preset", "tiny", "--random-weights",
                  "--dtype", "float32", "--lengths", "16,64"]) == 0
     r = last_json(capsys)
-    assert r["bench"] == "prefill"
+    assert r["bench"] == "prefill" and r["quantize"] == "none" and r["matmul_dtype"] == "float32"
     assert [row["tokens"] for row in r["results"]] == [16, 64]
+    for row in r["results"]:  # tokens/s = tokens / seconds (each rounded)
+        assert row["seconds"] == pytest.approx(row["tokens"] / row["tokens_per_s"], rel=0.01, abs=6e-4)
 
 
 @torch.no_grad()
 def test_prefill_flops_are_counted_per_linear_call():
     """The FLOPs bench prefill reports: every linear call's 2 x rows x in x out, so SambaY's
     cross-decoder (run only where logits are kept) does not count for every token."""
-    from sambay.bench.decode import time_prefill
-    from sambay.models.config import KV_ATTENTION
-    from sambay.kernels.linear import PackedLinear, prepare_for_inference
-
     model = prepare_for_inference(sambay.load_model("tiny", random_weights=True))  # as the bench runs it
     n, count = 24, [0]
     time_prefill(model, n, chunk=n, flops=count)

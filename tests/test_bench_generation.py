@@ -11,6 +11,8 @@ import pytest
 import sambay
 from sambay.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # and restores the thread count `--threads 1` sets
+
 SAMBAY, BASELINE = "tiny", "tiny-phi3"  # SambaY and the Transformer (Phi-3 architecture)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FP32 = 4
@@ -80,7 +82,7 @@ def test_memory_end_to_end(capsys, tmp_path):
         assert [x["tokens"] for x in rows] == [16, 32, 64]
         for x in rows:  # the measured state is what the config says (every length >= the window)
             assert x["state_bytes"] == x["state_formula_bytes"] == expected_row_bytes(name, x["tokens"])
-            assert x["seconds"] > 0
+            assert x["seconds"] == pytest.approx(x["tokens"] / x["tokens_per_s"], rel=0.01, abs=6e-4)
         assert r["results"][name]["quadratic_share"] is not None
     assert open(r["figures"][0], "rb").read(8) == PNG_MAGIC
     assert sum(line.split()[:1] == [SAMBAY] for line in out.splitlines()) == 3

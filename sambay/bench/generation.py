@@ -21,70 +21,36 @@ the quadratic term. Results: a table, PNG figures (written atomically) and one J
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from sambay.bench.decode import _table, load_for_bench, time_prefill
+from sambay.bench.common import load, table
+from sambay.bench.prefill import time_prefill
 from sambay.errors import SambayError
+from sambay.files import atomic_path
 
 # The released layouts at a quarter of the width (same layer and head counts, same 25.6x ratio of
-# state bytes per token), so the whole comparison runs on a CPU in about half an hour.
+# state bytes per token): the same comparison at a size a CPU measures in one sitting.
 DEFAULT_MODELS = "phi4-mini-flash-scaled,phi4-mini-scaled"
 PAPER = {"throughput_ratio": 10.0, "latency_ratio": [2.0, 3.0], "prompt": 2048, "generated": 32768}
 PREFILL_TOKENS_PER_CALL = 2048  # batched prefill: rows x chunk tokens per forward call
 CURVE_POINTS = 64  # latency-curve samples kept in the JSON and the figure
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_models(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise SambayError(f"--models must name models separated by commas, such as "
-                          f"{DEFAULT_MODELS}; got {text!r}")
-    return names
-
-
-def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
-    """'256,1024' -> [256, 1024], sorted, each at least 1."""
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        values = []
-    if not values or values[0] < 1:
-        raise SambayError(f"{flag} must be comma-separated token counts of at least 1, such as "
-                          f"256,1024,4096; got {text!r}")
-    return values
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB' -> 2147483648; also GB, MiB, MB, plain bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = m and m.group(2).lower()
-    if not m or unit not in UNITS:
-        raise SambayError(f"--memory-budget must be a size such as 2GiB, 1500MiB or 3GB; got {text!r}")
-    return int(float(m.group(1)) * UNITS[unit])
 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def load_models(args: argparse.Namespace) -> list[tuple[str, torch.nn.Module]]:
-    """(name, model) for each of --models; a name that is no preset is a folder or repo id."""
-    return [(name, load_for_bench(name, args.dtype, args.quantize, args.random_weights, args.seed))
-            for name in parse_models(args.models)]
+def load_models(names: Sequence[str], dtype: str, quantize: str | None, random_weights: bool = False,
+                seed: int = 0) -> list[tuple[str, torch.nn.Module]]:
+    """(name, model) for each name; a name that is no preset is a folder or repo id."""
+    return [(name, load(name, dtype, quantize, random_weights, seed)) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +102,6 @@ def timed_generation(model, prompt: int, tokens: int, batch: int, seed: int = 0,
     stopping early. Returns (prefill seconds, cumulative seconds from the start until token g was
     produced, for g = 1..tokens). Token 1 comes from the prefill's logits, token g from decode call
     g-1, so `tokens` tokens cost one prefill and tokens-1 decode calls."""
-    from tqdm import tqdm
-
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g)  # (B, P)
     chunk = max(1, PREFILL_TOKENS_PER_CALL // batch)
@@ -199,7 +163,7 @@ def measure_model(name: str, model, prompt: int, lengths: list[int], batch: int,
 
 def _figure(**kw):
     """A matplotlib Figure of its own, never pyplot's: no global backend or figure list is touched."""
-    try:
+    try:  # imported here: matplotlib is the optional `plot` extra, needed only by these two benchmarks
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
         raise SambayError("the figures need matplotlib: pip install 'sambay[plot]' (or matplotlib "
@@ -209,8 +173,6 @@ def _figure(**kw):
 
 def save_png(fig, path: Path) -> str:
     """Write the figure to `path` atomically: a reader never sees half a PNG."""
-    from sambay.files import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return str(path)
@@ -244,7 +206,7 @@ def plot_throughput(results: dict, budget: int, out: Path) -> str:
             for x in rows:
                 ax.annotate(str(x["tokens"]), (x["latency_s"], x["tokens_per_s"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # optional, as in _figure
 
     ax.set_xscale("log")  # batch 1 and the budget's batch lie orders of magnitude apart
     ax.set_yscale("log")
@@ -286,6 +248,13 @@ def _ratio(num: float, den: float) -> float | None:
     return float(f"{num / den:.3g}") if den else None
 
 
+def _sorted_lengths(lengths: Sequence[int]) -> list[int]:
+    values = sorted(set(lengths))
+    if not values or values[0] < 1:
+        raise SambayError(f"--lengths must be token counts of at least 1, got {list(lengths)}")
+    return values
+
+
 def _check_context(name: str, model, need: int, what: str) -> None:
     limit = model.config.max_position_embeddings
     if need > limit:
@@ -293,41 +262,46 @@ def _check_context(name: str, model, need: int, what: str) -> None:
                           f"lower --lengths or --prompt")
 
 
-def run_generation(args: argparse.Namespace) -> int:
+def bench_generation(models: Sequence[str], *, memory_budget: int, prompt: int = 512,
+                     lengths: Sequence[int] = (256, 512, 1024, 2048), dtype: str = "float32",
+                     quantize: str | None = None, random_weights: bool = False, seed: int = 0,
+                     out: str | Path = "bench-results") -> dict:
+    """SambaY (models[0]) against its baseline (models[1]): print the table, write the two figures
+    into `out`, print the JSON line and return the JSON object. Everything that can be checked is
+    checked before the long part starts."""
     started = time.perf_counter()
-    lengths = parse_lengths(args.lengths)
-    budget = parse_bytes(args.memory_budget)
-    if args.prompt < 1:
-        raise SambayError(f"--prompt must be at least 1 token, got {args.prompt}")
-    if len(parse_models(args.models)) != 2:
+    lengths = _sorted_lengths(lengths)
+    if prompt < 1:
+        raise SambayError(f"--prompt must be at least 1 token, got {prompt}")
+    if len(models) != 2:
         raise SambayError(f"--models takes exactly two models, SambaY first and then its baseline "
-                          f"(such as {DEFAULT_MODELS}); got {args.models!r}")
-    _figure()  # no matplotlib: fail now, not after an hour of measuring
-    context = args.prompt + lengths[-1]
-    models = load_models(args)
+                          f"(such as {DEFAULT_MODELS}); got {','.join(models)!r}")
+    _figure()  # no matplotlib: fail now, not after the long measurements
+    context = prompt + lengths[-1]
+    loaded = load_models(models, dtype, quantize, random_weights, seed)
     plan = {}
-    for name, model in models:  # check everything before the long part starts
-        _check_context(name, model, context, f"--prompt {args.prompt} + longest --lengths {lengths[-1]}")
+    for name, model in loaded:
+        _check_context(name, model, context, f"--prompt {prompt} + longest --lengths {lengths[-1]}")
         weights, row = weight_bytes(model), state_row_bytes(model, context)
         plan[name] = {"weights_bytes": weights, "state_bytes_per_row": row,
-                      "budget_batch": budget_batch(name, weights, row, budget)}
+                      "budget_batch": budget_batch(name, weights, row, memory_budget)}
     results = {}
-    for name, model in models:
+    for name, model in loaded:
         r = results[name] = dict(plan[name])
-        r["batch1"] = measure_model(name, model, args.prompt, lengths, 1, args.seed)
+        r["batch1"] = measure_model(name, model, prompt, lengths, 1, seed)
         B = r["budget_batch"]
-        r["budget"] = r["batch1"] if B == 1 else measure_model(name, model, args.prompt, lengths, B,
-                                                                args.seed)
+        r["budget"] = r["batch1"] if B == 1 else measure_model(name, model, prompt, lengths, B, seed)
     summary = compare(results)
-    out = Path(args.out)
-    figures = [plot_latency(results, args.prompt, out), plot_throughput(results, budget, out)]
-    print(generation_table(results, args.prompt, lengths[-1], budget, summary))
-    print(json.dumps({
-        "bench": "generation", "models": list(results), "prompt": args.prompt, "lengths": lengths,
-        "memory_budget_bytes": budget, "dtype": args.dtype, "quantize": args.quantize or "none",
-        "threads": torch.get_num_threads(), "seed": args.seed, "results": results, **summary,
-        "paper": PAPER, "figures": figures, "seconds": round(time.perf_counter() - started, 1)}))
-    return 0
+    out = Path(out)
+    figures = [plot_latency(results, prompt, out), plot_throughput(results, memory_budget, out)]
+    print(generation_table(results, prompt, lengths[-1], memory_budget, summary))
+    result = {
+        "bench": "generation", "models": list(results), "prompt": prompt, "lengths": lengths,
+        "memory_budget_bytes": memory_budget, "dtype": dtype, "quantize": quantize or "none",
+        "threads": torch.get_num_threads(), "seed": seed, "results": results, **summary,
+        "paper": PAPER, "figures": figures, "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(result))
+    return result
 
 
 def compare(results: dict) -> dict:
@@ -363,7 +337,7 @@ def generation_table(results: dict, prompt: int, G: int, budget: int, summary: d
                          f"{_ratio(x['tokens_per_s'], y['tokens_per_s']):>10}x  "
                          f"{_ratio(y['latency_s'], x['latency_s']):>12}x")
     qa, qb = ra["batch1"]["quadratic_share"], rb["batch1"]["quadratic_share"]
-    lines += ["", _table([
+    lines += ["", table([
         (f"throughput {a} / {b}", f"{summary['throughput_ratio']}x at G={G}, equal {mib(budget)} budget "
                                   f"(paper: up to {PAPER['throughput_ratio']:.0f}x at 32K)"),
         (f"latency {b} / {a}", f"{summary['latency_ratio']}x at G={G}, batch 1 (paper: 2-3x lower)"),
@@ -384,18 +358,22 @@ def _pct(x: float | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_memory(args: argparse.Namespace) -> int:
-    lengths = parse_lengths(args.lengths)
+def bench_memory(models: Sequence[str], *, lengths: Sequence[int] = (256, 512, 1024, 2048, 4096),
+                 chunk: int = 512, dtype: str = "float32", quantize: str | None = None,
+                 random_weights: bool = False, seed: int = 0, out: str | Path = "bench-results") -> dict:
+    """For each model and length: print prefill seconds and the decode state's bytes (measured and
+    from the config), write the figure into `out`, print the JSON line and return the JSON object."""
+    lengths = _sorted_lengths(lengths)
     _figure()
-    models = load_models(args)
-    kv_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    for name, model in models:
+    loaded = load_models(models, dtype, quantize, random_weights, seed)
+    kv_bytes = torch.finfo(getattr(torch, dtype)).bits // 8
+    for name, model in loaded:
         _check_context(name, model, lengths[-1], "the longest of --lengths")
     results = {}
-    for name, model in models:
+    for name, model in loaded:
         rows = []
         for n in lengths:
-            sec, state = time_prefill(model, n, args.chunk, seed=args.seed)
+            sec, state = time_prefill(model, n, chunk, seed=seed)
             rows.append({"tokens": n, "seconds": round(sec, 3), "tokens_per_s": round(n / sec, 1),
                          "state_bytes": state.nbytes(), "state_formula_bytes":
                          state_formula_bytes(model, n, kv_bytes)})
@@ -404,12 +382,12 @@ def run_memory(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         results[name] = {"results": rows, "quadratic_share": quadratic_share(
             [r["tokens"] for r in rows], [r["seconds"] for r in rows])}
-    figure = plot_prefill_memory(results, Path(args.out))
+    figure = plot_prefill_memory(results, Path(out))
     print(prefill_table(results))
-    print(json.dumps({"bench": "memory", "models": list(results), "dtype": args.dtype,
-                      "quantize": args.quantize or "none", "chunk": args.chunk,
-                      "threads": torch.get_num_threads(), "results": results, "figures": [figure]}))
-    return 0
+    result = {"bench": "memory", "models": list(results), "dtype": dtype, "quantize": quantize or "none",
+              "chunk": chunk, "threads": torch.get_num_threads(), "results": results, "figures": [figure]}
+    print(json.dumps(result))
+    return result
 
 
 def prefill_table(results: dict) -> str:
@@ -423,52 +401,3 @@ def prefill_table(results: dict) -> str:
     lines.append("quadratic share of prefill time at the longest length: "
                  + ", ".join(f"{n} {_pct(r['quadratic_share'])}" for n, r in results.items()))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and state (default float32: batched matmuls on CPUs without bf16 "
-                        "arithmetic are many times slower in bfloat16)")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every linear layer and the head")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights for model folders too (presets always have them)")
-    p.add_argument("--seed", type=int, default=0, help="random weights and prompt tokens")
-    p.add_argument("--out", default="bench-results", metavar="DIR", help="where the PNG figures go")
-
-
-def register(bsub) -> None:
-    g = bsub.add_parser(
-        "generation", help="SambaY vs its Transformer baseline: latency and throughput vs generation length",
-        description="Generate with each of two models (SambaY first, then its baseline) at batch 1 and at "
-                    "the largest batch whose decode state fits --memory-budget next to the weights; "
-                    "report latency and throughput at each length, their ratios next to the paper's, "
-                    "two PNG figures, then one JSON line.")
-    g.add_argument("--models", default=DEFAULT_MODELS, metavar="A,B",
-                   help=f"SambaY model, then baseline: presets or model folders (default {DEFAULT_MODELS})")
-    g.add_argument("--prompt", type=int, default=512, metavar="P",
-                   help="prompt tokens (default 512; the paper uses 2048)")
-    g.add_argument("--lengths", default="256,512,1024,2048", metavar="G,G,...",
-                   help="generation lengths, read off one long generation (default 256,512,1024,2048; "
-                        "the paper goes to 32768)")
-    g.add_argument("--memory-budget", default="1.25GiB", metavar="SIZE",
-                   help="weights + decode state per model, such as 2GiB (default 1.25GiB: with the "
-                        "default float32 pair, 2 Transformer rows, 23 SambaY rows)")
-    add_model_flags(g)
-    g.set_defaults(func=run_generation)
-    m = bsub.add_parser(
-        "memory", help="prefill time and decode-state memory vs context length, for several models",
-        description="For each model and context length: prefill seconds of a batch-1 prompt, and the bytes "
-                    "of the real decode state holding it beside what the config's formula says. A table, "
-                    "a PNG with both curves, then one JSON line.")
-    m.add_argument("--models", default=DEFAULT_MODELS, metavar="A,B,...",
-                   help=f"presets or model folders (default {DEFAULT_MODELS})")
-    m.add_argument("--lengths", default="256,512,1024,2048,4096", metavar="N,N,...",
-                   help="context lengths (default 256,512,1024,2048,4096)")
-    m.add_argument("--chunk", type=int, default=512, help="prompt tokens per prefill call (default 512)")
-    add_model_flags(m)
-    m.set_defaults(func=run_memory)
