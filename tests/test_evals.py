@@ -7,25 +7,18 @@ import re
 import types
 
 import pytest
-import torch
 
 import sambay
 from sambay.cli import main
+from sambay.cli.eval import _fit_budget, parse_depths, parse_lengths
 from sambay.errors import SambayError
 from sambay.evals import math_eval, needle, phonebook, retrieval
-from sambay.cli.eval import _fit_budget, parse_depths, parse_lengths
 from sambay.evals.generation import engine_generate, first_line
 from sambay.runtime.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ENTRY = re.compile(r"^[A-Z][a-z]+ [A-Z][A-Za-z]+: [6-9][0-9]{9}$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the small model runs faster single-threaded on shared cores
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from sambay.errors import SambayError
-from sambay.evals import math_eval
-from sambay.evals import needle
-from sambay.evals import phonebook
-from sambay.evals import retrieval
+from tqdm import tqdm
+
 from sambay.cli.generate import load_model_flags, model_flags  # the same model flags as generate and chat
+from sambay.errors import SambayError
+from sambay.evals import math_eval, needle, phonebook, retrieval
 from sambay.evals.generation import engine_generate
 
 DEFAULT_LENGTHS = "512,1024,2048"
@@ -32,9 +31,8 @@ DEFAULT_BATCH = 4
 
 
 def add_eval(ev) -> None:
-    ev.description = ("Evaluate a model: phonebook and needle retrieval at chosen "
-                                           "context lengths, or Pass@1 on math problems. Each prints a "
-                                           "table, then one JSON line.")
+    ev.description = ("Evaluate a model: phonebook and needle retrieval at chosen context lengths, or "
+                      "Pass@1 on math problems. Each prints a table, then one JSON line.")
     sub = ev.add_subparsers(dest="eval", metavar="EVAL", required=True)
 
     pb = sub.add_parser("phonebook", help="phonebook lookup accuracy per context length",
@@ -135,8 +133,6 @@ def _load(args: argparse.Namespace):
 
 
 def _progress(total: int, desc: str, initial: int = 0):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
 
 

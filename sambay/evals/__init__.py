@@ -5,7 +5,8 @@
     phonebook.py   the Phonebook test of "Repeat After Me" (names.txt: the names it draws from)
     needle.py      RULER-style single needle in a haystack
     math_eval.py   boxed-answer extraction, math-verify equivalence, the resumable Pass@1 loop
-    cli.py         `sambay eval phonebook | needle | math`
+
+The command `sambay eval phonebook | needle | math` (flags, loading, tables) is sambay/cli/eval.py.
 
 The evals see a model only through a GenerateFn (prompts + sampling params -> texts), so each can
 be tested with a scripted fake and run unchanged on a real checkpoint.

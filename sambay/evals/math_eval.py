@@ -138,7 +138,7 @@ def _braced(text: str, i: int) -> str | None:
 
 def math_verify():
     """math-verify's (parse, verify), or an error saying how to install it."""
-    try:
+    try:  # imported here: only `eval math` scores with it, and a missing install gets this message
         from math_verify import parse, verify
     except ModuleNotFoundError:
         raise SambayError("sambay eval math needs the math-verify package: "
