@@ -14,7 +14,7 @@ from typing import Any
 
 from sambay.serve.protocol import APIError
 from sambay.serve.scheduler import Output, TokenLogprob
-from sambay.tokenizer import _bytes_to_unicode
+from sambay.tokenizer import bytes_to_unicode
 
 
 class TokenText:
@@ -22,7 +22,7 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
