@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sambay
-from sambay.bench.decode import spawn, wait_ready
+from sambay.bench.serve import spawn, wait_ready
 from sambay.cli import build_parser, main
 from sambay.kernels import prepare_for_inference
 from sambay.runtime.checkpoint import DEFAULT_MODEL_DIR

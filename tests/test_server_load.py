@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sambay.bench.decode import bench_clients, wait_ready
+from sambay.bench.serve import bench_clients, wait_ready
 from test_server import (CHATS, PROMPTS, Server, _start_then_drop, metrics, post, request, sse,
                          tiny_folder, wait_idle)
 
