@@ -17,7 +17,8 @@ import torch
 
 from sambay.kernels import native
 from sambay.kernels.plan import DecodePlan
-from sambay.ops import Ops, attention as torch_attention
+from sambay.ops import Ops
+from sambay.ops.attention import native_attention_inputs
 
 LEVELS = ("ops", "layers", "stack")
 
@@ -48,7 +49,7 @@ class NativeOps(Ops):
         return super().selective_state_step(x, dt, A, Bm, Cm, D, state)
 
     def decode_attention(self, qs, ks, v, mask):
-        inputs = torch_attention.native_attention_inputs(qs, ks, v, mask) if self._usable() else None
+        inputs = native_attention_inputs(qs, ks, v, mask) if self._usable() else None
         if inputs is None or qs[0].device.type != "cpu":
             return super().decode_attention(qs, ks, v, mask)
         B, Hq = qs[0].shape[:2]
@@ -57,7 +58,7 @@ class NativeOps(Ops):
         return out.reshape(B, len(qs), Hq, v.shape[-1]).to(qs[0].dtype)
 
     def decode_diff_attention(self, qs, ks, v, mask, lam: float):
-        inputs = torch_attention.native_attention_inputs(qs, ks, v, mask) if self._usable() else None
+        inputs = native_attention_inputs(qs, ks, v, mask) if self._usable() else None
         if inputs is None or qs[0].device.type != "cpu":
             return super().decode_diff_attention(qs, ks, v, mask, lam)
         B, Hq = qs[0].shape[:2]
