@@ -1,4 +1,6 @@
-"""Tests of sambay.train.data (token shards, the batch sampler, `sambay prepare`) and sambay.train.corpus (built-in corpus)."""
+"""Tests of the training data: reading inputs (sambay.train.sources), token shards
+(sambay.train.prepare, .manifest), the batch sampler (sambay.train.dataset), `sambay prepare` and
+the built-in corpus (sambay.train.corpus)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from sambay.train import corpus as scorpus
-from sambay.train import data
-from sambay.train.corpus import builtin_corpus, clean_play_markdown
-from sambay.train.data import TokenDataset, prepare, token_dtype
+from sambay.cli import main
 from sambay.errors import SambayError
+from sambay.tokenizer import load_tokenizer
+from sambay.train import corpus as scorpus
+from sambay.train.corpus import builtin_corpus, clean_play_markdown
+from sambay.train.dataset import TokenDataset
+from sambay.train.manifest import FORMAT_VERSION, token_dtype
+from sambay.train.prepare import prepare
+from sambay.train.sources import builtin_texts, iter_texts, resolve_sources
 
 
 class CharTokenizer:
@@ -98,7 +104,7 @@ def test_prepare_round_trip_and_manifest(tmp_path, corpus):
     manifest = prepare(corpus, tok, out, val_fraction=0.0, progress=False, tokenizer_info={"source": "test"})
     assert manifest == json.loads((out / "manifest.json").read_text())
     stream = expected_stream(tok)
-    assert manifest["format_version"] == data.FORMAT_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 200
     assert manifest["num_tokens"] == len(stream) and manifest["num_documents"] == 4
     assert manifest["eos_token_id"] == 0 and manifest["append_eos"] is True
@@ -394,13 +400,14 @@ def test_builtin_corpus_files_and_texts(tmp_path):
     assert len(plays) == 38 and all(p.suffix == ".md" for p in plays)
     assert [p.name for p in builtin_corpus("kjv")] == ["kjv.jsonl"]
     assert builtin_corpus("classics") == plays + builtin_corpus("kjv")
-    kinds = {s.kind for s in data.resolve_sources(builtin_corpus())}
+    kinds = {s.kind for s in resolve_sources(builtin_corpus())}
     assert kinds == {"shakespeare-md", "kjv-jsonl"}
     hamlet = clean_play_markdown(next(p for p in plays if p.stem == "hamlet").read_text(encoding="utf-8"))
     assert hamlet.startswith("Hamlet\n\nACT I\n\nSCENE I. Elsinore.")
     assert "BERNARDO:\nWho's there?" in hamlet and "**" not in hamlet and "\\" not in hamlet
-    books = list(data.iter_texts(builtin_corpus("kjv")))
+    books = list(iter_texts(builtin_corpus("kjv")))
     assert len(books) == 66
+    assert list(builtin_texts("kjv")) == books
     assert books[0].startswith("Genesis\n\nChapter 1\n\nIn the beginning God created the heaven and the earth.\n")
     assert books[-1].startswith("Revelation\n\nChapter 1\n")
 
@@ -409,9 +416,6 @@ def test_builtin_corpus_files_and_texts(tmp_path):
 
 
 def test_cli_prepare_with_trained_tokenizer(tmp_path, capsys):
-    from sambay.cli import main
-    from sambay.tokenizer import load_tokenizer
-
     paths = big_corpus(tmp_path, n_docs=3, n_words=300)
     out = tmp_path / "out"
     rc = main(["prepare", *map(str, paths), "--out", str(out), "--train-tokenizer", "300",
@@ -440,8 +444,6 @@ def test_cli_prepare_with_trained_tokenizer(tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path, capsys, monkeypatch):
-    from sambay.cli import main
-
     assert main(["prepare", "--out", str(tmp_path / "o")]) == 2
     assert "--builtin" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2

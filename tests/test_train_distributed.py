@@ -23,6 +23,8 @@ import sambay
 
 from test_train import cli, prepare_corpus, read_metrics
 
+pytestmark = pytest.mark.slow  # every test starts torchrun with two training processes
+
 STEPS = 12
 FLAGS = ["--preset", "tiny", "--steps", str(STEPS), "--seq-len", "32", "--grad-accum", "2", "--lr", "3e-3",
          "--warmup", "2", "--eval-every", "4", "--eval-batches", "2", "--save-every", "4", "--quiet"]

@@ -6,10 +6,13 @@ with importlib and never imported:
 * `builtin_corpus(name)` lists a corpus's files, or raises SambayError naming the `pip install`
   to run; `builtin_requirements(name)` gives those requirements and `builtin_info(name)` what the
   corpus is made of (packages, installed versions, licenses), for manifests.
-* `builtin_targets()` / `builtin_kind(path, targets)` tell `sambay.data` which input files are
-  built-in corpus files and so need cleaning; `clean_play_markdown` is the cleaning of the plays
-  (the Bible's verse lines are joined into books by `sambay.data` as it reads them).
-* `builtin_texts(name)` gives the cleaned documents, as `sambay prepare` sees them.
+* `builtin_targets()` / `builtin_kind(path, targets)` tell `sambay.train.sources` which input
+  files are built-in corpus files and so need cleaning; `clean_play_markdown` is the cleaning of
+  the plays (the Bible's verse lines are joined into books by `sambay.train.sources` as it reads
+  them, and `sambay.train.sources.builtin_texts(name)` gives the cleaned documents).
+
+This module only knows where the texts are and what they are; reading them is the job of
+`sambay.train.sources`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import html
 import importlib.metadata
 import importlib.util
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +156,6 @@ def builtin_info(name: str = DEFAULT_BUILTIN) -> dict[str, Any]:
                          "requirement": pkg.requirement, "description": pkg.description,
                          "license": pkg.license})
     return {"name": name, "packages": packages}
-
-
-def builtin_texts(name: str = DEFAULT_BUILTIN) -> Iterator[str]:
-    """The cleaned documents of a built-in corpus (one play, one book of the Bible, ...)."""
-    from sambay.train.data import iter_texts  # here, not at the top: sambay.data imports this module
-
-    return iter_texts(builtin_corpus(name))
 
 
 def builtin_targets() -> list[tuple[CorpusPackage, Path]]:

@@ -3,8 +3,8 @@
 Launch the same `sambay train` command under torchrun; the process group is found from the
 environment variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), as in nanoGPT:
 
-    torchrun --standalone --nproc_per_node 4 -m sambay.cli train --preset small --data DATA --out OUT
-    torchrun --standalone --nproc_per_node 4 -m sambay.cli train ... --fsdp   # shard weights + state
+    torchrun --standalone --nproc_per_node 4 -m sambay train --preset small --data DATA --out OUT
+    torchrun --standalone --nproc_per_node 4 -m sambay train ... --fsdp   # shard weights + state
 
 Every rank holds a replica (DDP, the default) or a shard per decoder layer (FSDP2 `fully_shard`,
 with --fsdp). gloo on CPU, nccl on GPU. Checkpoints hold *full* tensors, gathered to plain CPU
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sambay.errors import SambayError
 
@@ -85,7 +86,7 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
     if not env.distributed:
         return model
     if fsdp:
-        try:
+        try:  # optional: FSDP2 exists from torch 2.6 on, and sambay runs on torch >= 2.4
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
         except ImportError:
@@ -99,18 +100,16 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.module if isinstance(model, DDP) else model
 
 
 def gradient_sync(model: nn.Module, sync: bool):
     """Context for one micro-step: skip the gradient all-reduce unless `sync` (the last micro-step)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if isinstance(model, DDP):
         return contextlib.nullcontext() if sync else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(sync)
@@ -213,6 +212,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[nn.Parame
                 if t is None:
                     continue
                 if key != "step" and hasattr(p, "device_mesh"):  # FSDP2: keep only this rank's shard
+                    # Optional, like FSDP2 itself (see wrap): only a run under --fsdp gets here.
                     from torch.distributed.tensor import distribute_tensor
 
                     t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)

@@ -61,7 +61,7 @@ class Metrics:
         """Redraw loss.png (train loss per step and its moving average, validation loss)."""
         if not self.enabled:
             return False
-        try:
+        try:  # optional dependency: pip install 'sambay[plot]'
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
