@@ -211,10 +211,14 @@ def test_a_build_stopped_midway_does_not_hang_the_next_load(tmp_path):
     first compile); the next process must load the kernels, not wait for that file forever."""
     import shutil
 
+    from sambay.kernels import loader
+
     if kernels._load() is None:
         pytest.skip(kernels.native_status())
-    shutil.copytree(kernels.build_dir(), tmp_path / "kernels")  # already built: no recompile
-    (tmp_path / "kernels" / "lock").touch()
+    build = loader.build_dir(loader.build_key(sources=loader.Sources.read()))
+    copy = tmp_path / "kernels" / build.relative_to(loader.cache_root())
+    shutil.copytree(build, copy)  # already built: no recompile
+    (copy / "lock").touch()
     env = {**os.environ, "SAMBAY_CACHE": str(tmp_path)}
     try:
         out = subprocess.run([sys.executable, "-c", "from sambay.kernels import native as kernels; print(kernels.native_status())"],

@@ -7,18 +7,14 @@ reference `gemv_ref` is used instead (same results, slower); `native_status()` s
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import sys
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "gemv.cpp", _CSRC / "glue.cpp"]  # and their headers, simd.h and kernels.h
+from sambay.kernels.loader import load_native
+
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -52,62 +48,14 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> to
     return y * scale.float() if scale is not None else y
 
 
-def build_dir() -> Path:
-    """Where the native kernels are built and kept: $SAMBAY_CACHE/kernels (~/.cache/sambay)."""
-    return Path(os.environ.get("SAMBAY_CACHE", Path.home() / ".cache" / "sambay")) / "kernels"
-
-
-@contextlib.contextmanager
-def _build_lock(build: Path):
-    """Holds an exclusive lock on the build folder, which the OS releases if this process dies.
-    torch's builder marks a build in progress with a `lock` file that a build stopped by Ctrl-C
-    leaves behind, and every later load then waits for it forever. Under this lock no other
-    sambay process is building, so such a file is stale and is removed."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: torch's own lock file only
-        yield
-        return
-    with open(build / ".sambay-build-lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            (build / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _load():
+    """The native library, built on first use for this CPU (kernels/loader.py), or None."""
     global _module, _error
     if _module is not None or _error is not None:
         return _module
     with _lock:
-        if _module is not None or _error is not None:
-            return _module
-        if os.environ.get("SAMBAY_NATIVE", "1") == "0":
-            _error = "disabled by SAMBAY_NATIVE=0"
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            build = build_dir()
-            build.mkdir(parents=True, exist_ok=True)
-            # Reassociation lets the compiler vectorize the dot products; unlike -ffast-math it keeps
-            # infinities, which the attention kernel's masking relies on. -fopenmp makes
-            # at::parallel_for (an inline OpenMP pragma) actually run on torch's threads: without it
-            # the kernels ran on one thread. Not linked: the symbols resolve to torch's own libgomp.
-            flags = (["-O3", "-march=native", "-fno-math-errno", "-funsafe-math-optimizations",
-                      "-fno-finite-math-only"] if sys.platform != "win32" else ["/O2"])
-            flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
-            print("sambay: compiling native CPU kernels (first use only) ...", file=sys.stderr,
-                  flush=True) if not any(build.glob("*.so")) else None
-            with _build_lock(build):
-                _module = load(name="sambay_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                               build_directory=str(build), verbose=False)
-        except Exception as e:  # no compiler, no headers, ...: fall back to the reference path
-            _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            print(f"sambay: native kernels unavailable ({_error}); using the slower PyTorch path",
-                  file=sys.stderr)
+        if _module is None and _error is None:
+            _module, _error = load_native()
         return _module
 
 
