@@ -292,7 +292,7 @@ def test_native_decode_levels_equal_the_modules(variant, int8):
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
         elif p.dtype.is_floating_point and "A_log" not in p.__repr__():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    model = prepare_for_inference(model, "int8") if int8 else pack_model(model)  # int8: in tiles on AVX2
+    model = prepare_for_inference(model, "int8" if int8 else None)  # packed; int8 in tiles on AVX2
     assert isinstance(model.ops, NativeOps) and model.ops.level == "stack"
     ids = torch.randint(0, 500, (3, 24), generator=g)
     mask = torch.ones_like(ids)
@@ -336,7 +336,8 @@ def test_native_decode_levels_equal_the_modules(variant, int8):
 def test_a_packed_model_runs_one_token_without_a_state():
     """A stateless call of one token runs the modules (no decode plan): native operations and
     PyTorch's give the same logits."""
-    model = pack_model(sambay.build_model(sambay.preset("tiny"), dtype=torch.bfloat16, seed=0))
+    model = prepare_for_inference(sambay.build_model(sambay.preset("tiny"), dtype=torch.bfloat16, seed=0))
+    assert isinstance(model.ops, NativeOps)
     ids = torch.tensor([[5], [7]])
     got = model(ids)
     model.ops = ops.TORCH
