@@ -26,30 +26,24 @@ void check_rows(const at::Tensor& t, const char* fn, const char* name) {
               fn, ": ", name, " must be a float32 (rows, n) tensor with contiguous rows");
 }
 
-// silu(x) = x / (1 + exp(-x)), 8 lanes and one.
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 silu8(__m256 x) {
-  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
-#endif
+// silu(x) = x / (1 + exp(-x)): simd::silu at the native width, this for the tails.
 inline float silu1(float x) { return x / (1.f + std::exp(-x)); }
 
 // out[i] = silu(a[i]) * b[i]
 inline void silu_mul_row(const float* a, const float* b, float* out, int64_t n) {
+  using V = simd::Native;
   int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(a + i)), _mm256_loadu_ps(b + i)));
-#endif
+  if constexpr (V::size > 1)
+    for (; i + V::size <= n; i += V::size) (simd::silu(V::load(a + i)) * V::load(b + i)).store(out + i);
   for (; i < n; ++i) out[i] = silu1(a[i]) * b[i];
 }
 
 // x[i] = silu(x[i]), in place.
 inline void silu_row(float* x, int64_t n) {
+  using V = simd::Native;
   int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, silu8(_mm256_loadu_ps(x + i)));
-#endif
+  if constexpr (V::size > 1)
+    for (; i + V::size <= n; i += V::size) simd::silu(V::load(x + i)).store(x + i);
   for (; i < n; ++i) x[i] = silu1(x[i]);
 }
 

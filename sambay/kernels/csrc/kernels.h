@@ -1,18 +1,39 @@
-// Everything the native extension exports (bound in gemv.cpp). Each function has a PyTorch twin:
-// the GEMV and attention references in sambay/kernels.py and sambay/ops.py, the glue's in sambay/ops.py,
-// and the decode blocks' are the model's own modules (sambay/model.py).
+// Everything the native extension exports, as bindings.cpp binds it. Each function has a PyTorch
+// twin: the GEMV references in sambay/kernels/native.py, the attention, SSM and glue references in
+// sambay/ops, and the decode blocks' are the model's own modules (sambay/models).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
-// gemv.cpp: the memory-bound products and sequence kernels.
+// Which low-precision paths this build has, decided once from the compiler's target flags so that
+// every file (the GEMV, and fast_paths reporting it) agrees.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SAMBAY_VNNI 1  // int8 weights x int8 activations, vpdpbusd (rows)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SAMBAY_Q8AVX2 1  // int8 weights x int8 activations, vpmaddubsw (4-row tiles)
+#endif
+#if defined(__AVX512BF16__)
+#define SAMBAY_BF16DOT 1  // bf16 weights x bf16 activations, vdpbf16ps
+#endif
+
+// gemv.cpp: the memory-bound matrix products.
 at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t exact, at::Tensor bias);
+
+// attention.cpp: one query per row over the K/V cache.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid);
 at::Tensor decode_diff_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double lam);
+
+// ssm.cpp: the Mamba state update.
 at::Tensor ssm_step(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor Bm, at::Tensor Cm, at::Tensor D,
                     at::Tensor state);
+
+// probe.cpp: what the build and the machine give.
+double stream_read(at::Tensor buf);
+int64_t parallel_threads();
+std::vector<std::string> fast_paths();
 
 // glue.cpp: the element-wise glue of a decode step, fused.
 std::vector<at::Tensor> add_layer_norm(at::Tensor h, at::Tensor delta, at::Tensor w, at::Tensor b, double eps);
