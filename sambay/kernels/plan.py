@@ -7,9 +7,10 @@ slot, the mask and, for the growing full-attention cache, its view) and makes ei
 call for the whole layer stack (`run`, csrc decode_layers) or one per block from Python
 (`run_layers`, the same calls in the same order: the stack's reference).
 
-The records follow csrc/glue.cpp's decode_layers: per layer {ln1 w, b, ln2 w, b, fc1 (3), fc2 (3),
-then the mixer's tensors} and {ln1 eps, ln2 eps, then attention's numbers}; a linear layer is
-{weight, scale or empty, bias or empty}.
+The records are the native library's typed classes (csrc/kernels.h), built here by field name: a
+LayerRecord per layer (its two norms, the MLP's linear layers and a MambaLayer, GmuLayer or
+AttentionLayer mixer), from which the library builds its DecodePlan once; per step only the KeySets
+are new.
 """
 
 from __future__ import annotations
@@ -24,43 +25,42 @@ from sambay.models.config import CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMO
 from sambay.models.state import Positions
 from sambay.ops import grouped_keys
 
-# csrc/glue.cpp's DecodeKind: Mamba, the memory Mamba, GMU, attention (cross-attention has no cache
-# of its own to write: empty kc, vc).
-KINDS = {MAMBA: 0, MEMORY_MAMBA: 1, GMU: 2, SWA: 3, KV_ATTENTION: 3, CROSS_ATTENTION: 3}
 MAMBA_KINDS = (MAMBA, MEMORY_MAMBA)
+ATTENTION_KINDS = (SWA, KV_ATTENTION, CROSS_ATTENTION)  # cross-attention has no cache of its own to write
 
 
-def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
-    return EMPTY if t is None else t
-
-
-def linear_record(lin: nn.Module) -> list[torch.Tensor] | None:
-    """[weight, scale, bias] as the native blocks take a linear layer, or None if it cannot be one:
-    only a PackedLinear (the GEMV's layouts) with a float32 bias or none."""
+def linear_record(lib, lin: nn.Module):
+    """The native library's Linear record of a linear layer, or None if it cannot be one: only a
+    PackedLinear (the GEMV's layouts) with a float32 bias or none."""
     if type(lin) is not PackedLinear:
         return None
     buf = lin._buffers
-    b, s = buf["bias"], buf["weight_scale"]
+    b = buf["bias"]
     if b is not None and b.dtype != torch.float32:
         return None
-    return [buf["weight"], _or_empty(s), _or_empty(b)]
+    return lib.Linear(weight=buf["weight"], scale=buf["weight_scale"], bias=b)
 
 
-def _linears(*mods: nn.Module) -> list[list[torch.Tensor]] | None:
-    recs = [linear_record(m) for m in mods]
+def _linears(lib, *mods: nn.Module) -> list | None:
+    recs = [linear_record(lib, m) for m in mods]
     return None if any(r is None for r in recs) else recs
 
 
-class KeySet:
-    """The keys one or more attention layers read this step, recomputed once per step by one of them:
-    the ring slot to write, the mask (B, S) and, for caches whose view grows, the grouped keys and values."""
+def _norm(lib, ln: nn.Module):
+    return lib.Norm(weight=ln.weight, bias=ln.bias, eps=ln.eps)
+
+
+class KeySource:
+    """Where the keys one or more attention layers read this step come from: one of those layers,
+    which recomputes them once per step (the ring slot to write, the mask (B, S) and, for caches
+    whose view grows, the grouped keys and values) as the library's KeySet."""
 
     def __init__(self, attn: KVAttention, layer: int, moving: bool):
         self.attn, self.layer, self.moving = attn, layer, moving
 
-    def tensors(self, at: Positions, grouped: list) -> list[torch.Tensor] | None:
+    def key_set(self, lib, at: Positions, grouped: list):
         _, _, slot, k_all, v, mask, _ = attention_keys(self.attn, at, self.layer, None, grouped)
-        return None if k_all is None else [slot, mask, k_all, v]
+        return None if k_all is None else lib.KeySet(slot=slot, valid=mask, keys=k_all, values=v)
 
 
 def attention_keys(m: KVAttention, at: Positions, layer: int, shared_kv, grouped: list):
@@ -87,7 +87,11 @@ def attention_keys(m: KVAttention, at: Positions, layer: int, shared_kv, grouped
         if k_all is not None and not m.cross and k is kc:
             grouped.append((k, k_all))
     at.memo[memo] = (k, k_all)
-    mask = m.decode_mask(at, k_pos, k_valid).reshape(at.pos.shape[0], -1)
+    full = m.decode_mask(at, k_pos, k_valid)  # one object per step for the layers sharing keys ...
+    rows = ("mask rows", id(full))  # ... and so one (B, S) view of it, which identifies their key set
+    if rows not in at.memo:
+        at.memo[rows] = (full, full.reshape(at.pos.shape[0], -1))  # (holding `full` keeps its id unique)
+    mask = at.memo[rows][1]
     return kc, vc, slot, k_all, v, mask, ((k, v, k_pos, k_valid) if not m.cross else shared_kv)
 
 
@@ -98,10 +102,9 @@ class DecodePlan:
 
     def __init__(self, lib):
         self.lib = lib
-        self.kinds: list[int] = []
-        self.tensors: list[list[torch.Tensor]] = []
-        self.scalars: list[list[float]] = []
-        self.key_sets: list[KeySet] = []
+        self.layers: list = []  # the library's LayerRecords, in order
+        self.native = None  # the library's DecodePlan of them
+        self.key_sources: list[KeySource] = []  # AttentionLayer.key_set indexes these
         self.grouped: list = []  # (cache, grouped view) of the ring buffers
         self.linears: list[tuple[dict, str, PackedLinear, torch.Tensor]] = []
 
@@ -120,108 +123,102 @@ class DecodePlan:
                         for name, lin in parent._modules.items() if isinstance(lin, PackedLinear)]
         for layer in model.model.layers:
             ln1, ln2, m, i = layer.input_layernorm, layer.post_attention_layernorm, layer.attn, layer.index
-            mlp = _linears(layer.mlp.fc1, layer.mlp.fc2)
-            if mlp is None or layer.training or ln1.weight.dtype != torch.float32 or layer.kind not in KINDS:
+            mlp = _linears(lib, layer.mlp.fc1, layer.mlp.fc2)
+            if mlp is None or layer.training or ln1.weight.dtype != torch.float32:
                 return None
-            t = [ln1.weight, _or_empty(ln1.bias), ln2.weight, _or_empty(ln2.bias), *mlp[0], *mlp[1]]
-            sc = [ln1.eps, ln2.eps]
             if layer.kind in MAMBA_KINDS:
-                blk = plan._mamba(m, at, i)
-                if blk is None:
-                    return None
-                t += blk
+                mixer = plan._mamba(m, at, i, memory=layer.kind == MEMORY_MAMBA)
             elif layer.kind == GMU:
-                lins = _linears(m.in_proj, m.out_proj)
-                if lins is None:
-                    return None
-                t += [*lins[0], *lins[1]]
-            else:
+                lins = _linears(lib, m.in_proj, m.out_proj)
+                mixer = None if lins is None else lib.GmuLayer(in_proj=lins[0], out_proj=lins[1])
+            elif layer.kind in ATTENTION_KINDS:
                 blk = plan._attention(m, at, i, shared)
                 if blk is None:
                     return None
-                tensors, numbers, shared, moving = blk
-                ident = (id(numbers.pop()), id(tensors[-1]) if moving else None)  # (mask, keys) of the set
+                fields, (mask, k_all), shared, moving = blk
+                ident = (id(mask), id(k_all) if moving else None)  # the key set: its mask and, if it moves, keys
                 if ident not in sets:
                     if m.cross:  # its keys come from the layer that wrote them, which must come first
                         return None
-                    sets[ident] = len(plan.key_sets)
-                    plan.key_sets.append(KeySet(m, i, moving))
-                tensors.pop()
-                t += tensors
-                sc += [*numbers, sets[ident]]
-            plan.kinds.append(KINDS[layer.kind])
-            plan.tensors.append(t)
-            plan.scalars.append(sc)
+                    sets[ident] = len(plan.key_sources)
+                    plan.key_sources.append(KeySource(m, i, moving))
+                mixer = lib.AttentionLayer(**fields, key_set=sets[ident])
+            else:
+                return None
+            if mixer is None:
+                return None
+            plan.layers.append(lib.LayerRecord(input_norm=_norm(lib, ln1), post_norm=_norm(lib, ln2), fc1=mlp[0],
+                                               fc2=mlp[1], mixer=mixer))
+        plan.native = lib.DecodePlan(plan.layers)
         return plan
 
-    def _mamba(self, m, at: Positions, layer: int) -> list[torch.Tensor] | None:
+    def _mamba(self, m, at: Positions, layer: int, memory: bool):
+        """The MambaLayer record of a Mamba mixer, or None where the native block cannot run it."""
         state = at.state
         if m.D.dtype != torch.float32 or m.conv1d.weight.dtype != torch.float32:
             return None
-        lins = _linears(m.in_proj, m.x_proj, m.dt_proj, m.out_proj)
+        lins = _linears(self.lib, m.in_proj, m.x_proj, m.dt_proj, m.out_proj)
         if lins is None or not state.conv[layer].is_contiguous():
             return None
-        inp, xp, dtp, outp = lins
-        A = -torch.exp(m.A_log.float())  # the same matrix at every step
-        return [*inp, state.conv[layer], m.conv1d.weight[:, 0, :], _or_empty(m.conv1d.bias), *xp, *dtp, A, m.D,
-                state.ssm[layer], *outp]
+        in_proj, x_proj, dt_proj, out_proj = lins
+        return self.lib.MambaLayer(
+            in_proj=in_proj, conv_state=state.conv[layer], conv_weight=m.conv1d.weight[:, 0, :],
+            conv_bias=m.conv1d.bias, x_proj=x_proj, dt_proj=dt_proj,
+            A=-torch.exp(m.A_log.float()),  # the same matrix at every step
+            D=m.D, ssm_state=state.ssm[layer], out_proj=out_proj, memory=memory)
 
     def _attention(self, m, at: Positions, layer: int, shared_kv):
-        """(tensors, numbers, the K/V the next layers share, whether its key view moves) of an attention
-        layer; the last tensor and number are the key view and mask that identify its key set."""
-        lins = _linears(m.Wqkv, m.out_proj)
+        """(the AttentionLayer record's fields but its key set, the (mask, key view) that identify the
+        key set, the K/V the next layers share, whether its key view moves) of an attention layer, or
+        None where the native block cannot run it."""
+        lins = _linears(self.lib, m.Wqkv, m.out_proj)
         p = m.inner_cross_attn if m.diff else None
         if lins is None or (p is not None and p.subln.weight.dtype != torch.float32):
             return None
-        qkv, outp = lins
         kc, vc, slot, k_all, v, mask, shared = attention_keys(m, at, layer, shared_kv, self.grouped)
         if k_all is None:  # not laid out for the native kernel
             return None
-        if p is not None:
-            lam, sub_w, sub_eps, scale = float(p.lam(m.lambda_init)), p.subln.weight, p.subln.eps, 1 - m.lambda_init
-        else:
-            lam, sub_w, sub_eps, scale = 0.0, EMPTY, 0.0, 1.0
         moving = m.cross or m.window is None or kc.shape[2] == at.state.max_length
-        tensors = [*qkv, *outp, kc, vc, EMPTY if moving else k_all, EMPTY if moving else v, sub_w, k_all]
-        return tensors, [m.H, lam, sub_eps, scale, mask], shared, moving
+        fields = dict(qkv_proj=lins[0], out_proj=lins[1], heads=m.H, k_cache=kc, v_cache=vc,
+                      keys=None if moving else k_all, values=None if moving else v)  # else the key set's
+        if p is not None:
+            fields.update(subln_weight=p.subln.weight, lam=float(p.lam(m.lambda_init)), subln_eps=p.subln.eps,
+                          scale=1 - m.lambda_init)
+        return fields, (mask, k_all), shared, moving
 
-    def keys(self, at: Positions) -> list[list[torch.Tensor]] | None:
-        """This step's key sets: slot, mask, K and V views (the last two unused by a set whose
-        layers keep their own, the ring buffers)."""
+    def key_sets(self, at: Positions) -> list | None:
+        """This step's KeySets: slot, mask, K and V views (the last two unused by a set whose layers
+        keep their own, the ring buffers)."""
         out = []
-        for ks in self.key_sets:
-            t = ks.tensors(at, self.grouped)
-            if t is None:
+        for source in self.key_sources:
+            ks = source.key_set(self.lib, at, self.grouped)
+            if ks is None:
                 return None
-            out.append(t)
+            out.append(ks)
         return out
 
     def run(self, h: torch.Tensor, at: Positions) -> torch.Tensor | None:
         """The whole layer stack in one native call: h (B, d) -> the residual stream after it."""
-        keys = self.keys(at)
-        if keys is None:
+        key_sets = self.key_sets(at)
+        if key_sets is None:
             return None
-        return self.lib.decode_layers(h, self.kinds, self.tensors, self.scalars, keys)
+        return self.lib.decode_layers(self.native, h, key_sets)
 
     def run_layers(self, h: torch.Tensor, at: Positions) -> torch.Tensor | None:
         """The same step as `run`, one native block per call from Python (decode_layers' twin)."""
-        keys = self.keys(at)
-        if keys is None:
+        key_sets = self.key_sets(at)
+        if key_sets is None:
             return None
         lib, memory = self.lib, None
-        for kind, t, s in zip(self.kinds, self.tensors, self.scalars):
-            x = lib.add_layer_norm(h, EMPTY, t[0], t[1], s[0])[1]
-            if kind in (0, 1):
-                mixed, y = lib.mamba_step(x, t[10:13], t[13], t[14], t[15], t[16:19], t[19:22], t[22], t[23],
-                                          t[24], t[25:28])
-                memory = y if kind == 1 else memory
-            elif kind == 2:
-                mixed = lib.gmu_step(x, memory, t[10:13], t[13:16])
+        for layer in self.layers:
+            x = lib.add_layer_norm(h, EMPTY, layer.input_norm.weight, layer.input_norm.bias, layer.input_norm.eps)[1]
+            mixer = layer.mixer
+            if isinstance(mixer, lib.MambaLayer):
+                mixed, y = lib.mamba_step(x, mixer)
+                memory = y if mixer.memory else memory
+            elif isinstance(mixer, lib.GmuLayer):
+                mixed = lib.gmu_step(x, memory, mixer)
             else:
-                slot, mask, k_all, v = keys[int(s[6])]
-                own, writes = t[18].numel() > 0, t[16].numel() > 0
-                mixed = lib.attention_step(x, t[10:13], int(s[2]), t[16], t[17], slot if writes else EMPTY,
-                                           t[18] if own else k_all, t[19] if own else v, mask, s[3], t[20], s[4],
-                                           s[5], t[13:16])
-            h = lib.mlp_step(h, mixed, t[2], t[3], s[1], t[4:7], t[7:10])
+                mixed = lib.attention_step(x, mixer, key_sets[mixer.key_set])
+            h = lib.mlp_step(h, mixed, layer.post_norm, layer.fc1, layer.fc2)
         return h

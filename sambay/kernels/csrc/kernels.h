@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <variant>
 #include <vector>
 
 // Which low-precision paths this build has, decided once from the compiler's target flags so that
@@ -42,17 +43,73 @@ at::Tensor conv_step(at::Tensor x, at::Tensor state, at::Tensor w, at::Tensor b)
 at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, double scale);
 void kv_write(at::Tensor kv, at::Tensor kc, at::Tensor vc, at::Tensor slot, bool diff);
 
-// glue.cpp: decode blocks, one call per mixer or MLP for one token per row. A linear layer is passed
-// as {weight, scale or empty, bias or empty} (a PackedLinear).
-using Linear = std::vector<at::Tensor>;
-at::Tensor mlp_step(at::Tensor h, at::Tensor delta, at::Tensor ln_w, at::Tensor ln_b, double eps, Linear fc1,
-                    Linear fc2);
-at::Tensor gmu_step(at::Tensor x, at::Tensor memory, Linear in_proj, Linear out_proj);
-std::vector<at::Tensor> mamba_step(at::Tensor x, Linear in_proj, at::Tensor conv_state, at::Tensor conv_w,
-                                   at::Tensor conv_b, Linear x_proj, Linear dt_proj, at::Tensor A, at::Tensor D,
-                                   at::Tensor ssm_state, Linear out_proj);
-at::Tensor attention_step(at::Tensor x, Linear qkv_proj, int64_t H, at::Tensor kc, at::Tensor vc, at::Tensor slot,
-                          at::Tensor k, at::Tensor v, at::Tensor valid, double lam, at::Tensor subln_w, double eps,
-                          double scale, Linear out_proj);
-at::Tensor decode_layers(at::Tensor h, std::vector<int64_t> kinds, std::vector<std::vector<at::Tensor>> tensors,
-                         std::vector<std::vector<double>> scalars, std::vector<std::vector<at::Tensor>> keys);
+// ---- decode.cpp: the decode blocks and a whole step's layer stack, over typed records -------------
+// plan.py builds the records once per decode state's rows, by field name; tensors marked "or empty"
+// are a 0-element tensor where the layer has none.
+
+struct Linear {  // a PackedLinear: y = x @ weight.T * scale + bias
+  at::Tensor weight;  // (N, K) float32 / bfloat16 / int8, or int8 in 4-row tiles (gemv's layouts)
+  at::Tensor scale;   // (N,) float32, or empty
+  at::Tensor bias;    // (N,) float32, or empty
+};
+
+struct Norm {  // a LayerNorm
+  at::Tensor weight, bias;  // (d,) float32; bias or empty
+  double eps = 1e-5;
+};
+
+struct MambaLayer {
+  Linear in_proj, x_proj, dt_proj, out_proj;
+  at::Tensor conv_state;   // (B, K-1, e), updated in place
+  at::Tensor conv_weight;  // (e, K) float32
+  at::Tensor conv_bias;    // (e,) float32, or empty
+  at::Tensor A;            // -exp(A_log) (e, n) float32
+  at::Tensor D;            // (e,) float32
+  at::Tensor ssm_state;    // (B, e, n) float32, updated in place
+  bool memory = false;     // the layer whose SSM output the GMU layers gate with
+};
+
+struct GmuLayer {
+  Linear in_proj, out_proj;
+};
+
+struct AttentionLayer {
+  Linear qkv_proj, out_proj;
+  int64_t heads = 0;               // query heads
+  at::Tensor k_cache, v_cache;     // written at the key set's slot; empty: cross-attention
+  at::Tensor keys, values;         // this layer's own key and value views (a ring buffer's); empty: the key set's
+  at::Tensor subln_weight;         // differential attention's sub-layer norm (dv,); empty: plain attention
+  double lam = 0, subln_eps = 0, scale = 1;  // differential attention's lambda, norm eps, output scale
+  int64_t key_set = 0;             // which of the step's key sets the layer reads
+};
+
+struct KeySet {  // what one or more attention layers read this step
+  at::Tensor slot;    // (B,) int64: the cache position each row writes
+  at::Tensor valid;   // (B, S) bool
+  at::Tensor keys;    // (B, G, Hk, S, dk) grouped view, or empty (the layers keep their own)
+  at::Tensor values;  // (B, Hk, S, dv) or in column blocks, or empty
+};
+
+struct LayerRecord {  // a decoder layer: norm, mixer, norm, SwiGLU MLP
+  Norm input_norm, post_norm;
+  Linear fc1, fc2;
+  std::variant<MambaLayer, GmuLayer, AttentionLayer> mixer;
+};
+
+// A decode step's layer stack, checked once when built; run(h, key_sets) -> the residual stream
+// after the last layer (the final norm is the caller's).
+class DecodePlan {
+ public:
+  explicit DecodePlan(std::vector<LayerRecord> layers);
+  at::Tensor run(at::Tensor h, const std::vector<KeySet>& key_sets) const;
+  const std::vector<LayerRecord>& layers() const { return layers_; }
+
+ private:
+  std::vector<LayerRecord> layers_;
+};
+
+at::Tensor mlp_step(at::Tensor h, at::Tensor delta, const Norm& norm, const Linear& fc1, const Linear& fc2);
+at::Tensor gmu_step(at::Tensor x, at::Tensor memory, const GmuLayer& layer);
+std::vector<at::Tensor> mamba_step(at::Tensor x, const MambaLayer& layer);
+at::Tensor attention_step(at::Tensor x, const AttentionLayer& layer, const KeySet& keys);
+at::Tensor decode_layers(const DecodePlan& plan, at::Tensor h, const std::vector<KeySet>& key_sets);
