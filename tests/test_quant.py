@@ -322,11 +322,14 @@ def test_native_decode_levels_equal_the_modules(variant, int8):
                     layers_state.conv + layers_state.ssm + layers_state.k + layers_state.v):
         assert (a is None and b is None) or torch.equal(a, b)
     # The PyTorch decode attention rounds the query to the bf16 cache's dtype, the kernels keep it
-    # float32: agreement to bf16 rounding, and the same next token almost everywhere.
-    scale = ref.abs().max().item()
+    # float32 (and int8 rounds each GEMV's activations): agreement to that rounding, and the same
+    # next token almost everywhere.
+    # int8 also feeds bf16-rounded activations to the bf16 dt_proj where the CPU has bf16 dot
+    # products, and dt goes through exp(): this deliberately large-weighted model magnifies that.
+    bound, agree = (0.05, 0.85) if int8 else (0.02, 0.9)
     for other in (op_by_op, got):
-        torch.testing.assert_close(other, ref, rtol=3e-2, atol=3e-2 * scale)
-        assert (other.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+        assert (other - ref).norm() / ref.norm() < bound
+        assert (other.argmax(-1) == ref.argmax(-1)).float().mean() > agree
     (key, plan), = state.derived.items()  # built once, kept for the same rows
     assert plan.current(model)
     model.model.layers[0].mlp.fc1.weight = model.model.layers[0].mlp.fc1.weight.clone()  # new weights

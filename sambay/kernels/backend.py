@@ -18,7 +18,7 @@ import torch
 from sambay.kernels import native
 from sambay.kernels.plan import DecodePlan
 from sambay.ops import Ops
-from sambay.ops.attention import native_attention_inputs
+from sambay.ops.attend import native_attention_inputs
 
 LEVELS = ("ops", "layers", "stack")
 

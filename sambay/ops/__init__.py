@@ -8,8 +8,8 @@ for inference) without the model knowing about them, and without any module-glob
 
 from __future__ import annotations
 
-from sambay.ops import attention as _attention, glue as _glue, scan as _scan
-from sambay.ops.attention import (attention, attention_mask, attention_ref, decode_attention_groups,
+from sambay.ops import attend as _attention, glue as _glue, scan as _scan
+from sambay.ops.attend import (attention, attention_mask, attention_ref, decode_attention_groups,
                                   decode_attention_stacked, decode_diff_attention, grouped_keys,
                                   native_attention_inputs, value_blocks, value_rows)
 from sambay.ops.glue import add_layer_norm, conv_step, diff_combine, kv_write, silu_mul
