@@ -166,9 +166,10 @@ def test_the_base_is_not_a_family():
     assert preset("tiny") != preset("tiny-phi3")
 
 
-def test_presets_and_the_old_import_path():
-    # The names config.py had before presets.py still resolve there.
-    assert config_module.PRESETS is presets.PRESETS and config_module.preset is presets.preset
+def test_presets_are_exported_by_the_models_package():
+    import sambay.models
+
+    assert sambay.models.PRESETS is presets.PRESETS and sambay.models.preset is presets.preset
     with pytest.raises(SambayError, match="unknown preset 'nope'; choose one of: phi4-mini-flash, phi4-mini,"):
         preset("nope")
     with pytest.raises(AttributeError):

@@ -9,7 +9,7 @@ import torch
 
 import sambay
 from sambay.cli import main
-from sambay.models.config import Phi3Config, load_config, preset
+from sambay.models import Phi3Config, load_config, preset
 from sambay.kernels import prepare_for_inference
 
 transformers = pytest.importorskip("transformers")

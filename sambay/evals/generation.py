@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-from sambay.runtime.engine import Engine, default_stop_ids
+from sambay.runtime.engine import Engine, text_stop_ids
 from sambay.runtime.sampling import SamplingParams
 from sambay.runtime.text import RequestText
 
@@ -37,8 +37,7 @@ def engine_generate(model, tokenizer, batch_size: int = 1) -> GenerateFn:
     engine grows its state only when idle, so it must fit every row from the start). Generation
     stops at the model's end-of-sequence ids (and the tokenizer's) unless params say otherwise.
     """
-    # the model's end-of-sequence ids, then the tokenizer's (a chat template may end turns with one)
-    stop_ids = list(dict.fromkeys([*default_stop_ids(model), *getattr(tokenizer, "eos_token_ids", [])]))
+    stop_ids = text_stop_ids(model, tokenizer)
     context = model.config.max_position_embeddings
 
     def generate(prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[tuple[int, str]]:

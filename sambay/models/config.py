@@ -546,14 +546,3 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(data, dict):
         raise SambayError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return config_from_dict(data, str(path))
-
-
-def __getattr__(name: str) -> Any:
-    # PRESETS and preset moved to sambay.models.presets, which imports this module; importing it
-    # here only when they are asked for keeps `from sambay.models.config import PRESETS, preset`
-    # working without an import cycle. Import them from sambay.models (or .presets) instead.
-    if name in ("PRESETS", "preset"):
-        from sambay.models import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,6 +47,12 @@ def default_stop_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def text_stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a text reply: the model's end-of-sequence ids, then the tokenizer's (a chat
+    template may end its turns with one, like <|end|>), each once and in that order."""
+    return list(dict.fromkeys([*default_stop_ids(model), *getattr(tokenizer, "eos_token_ids", [])]))
+
+
 def pad_id(model) -> int:
     cfg = model.config
     if cfg.pad_token_id is not None:
@@ -295,8 +301,7 @@ class Engine:
         params = (params or SamplingParams()).validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if params.stop_token_ids is None:
-            extra = [i for i in getattr(self.tokenizer, "eos_token_ids", []) if i not in self.stop_ids]
-            params = params.replace(stop_token_ids=self.stop_ids + extra)
+            params = params.replace(stop_token_ids=text_stop_ids(self.model, self.tokenizer))
         req = self.add_request(ids, params)
         return TextStream(self, req, self.tokenizer)
 

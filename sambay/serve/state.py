@@ -10,7 +10,7 @@ import threading
 import time
 
 from sambay.errors import SambayError
-from sambay.runtime.engine import Engine
+from sambay.runtime.engine import Engine, text_stop_ids
 from sambay.runtime.load import load_for_inference
 from sambay.runtime.sampling import SamplingParams, generation_defaults
 from sambay.serve.metrics import Metrics
@@ -18,12 +18,6 @@ from sambay.serve.protocol import APIError, ModelInfo
 from sambay.serve.responses import TokenText
 from sambay.serve.scheduler import Job, NotAccepting, QueueFull, Scheduler
 from sambay.serve.settings import DEFAULT_MAX_MODEL_LEN, Settings, served_name
-
-
-def stop_ids(engine: Engine) -> list[int]:
-    """The ids that end a reply: the model's end-of-sequence ids, then the tokenizer's (a chat
-    model's end of turn, <|end|>), each once and in that order."""
-    return list(dict.fromkeys(engine.stop_ids + list(getattr(engine.tokenizer, "eos_token_ids", []))))
 
 
 class ServerState:
@@ -54,7 +48,7 @@ class ServerState:
                               f"tokens; lower it")
         max_len = s.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
         engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_length=max_len)
-        stops = stop_ids(engine)
+        stops = text_stop_ids(engine.model, engine.tokenizer)
         engine.run([[stops[0] if stops else 0]], SamplingParams(max_new_tokens=2))  # builds kernels
         self.text_of = TokenText(tokenizer)
         self.info = ModelInfo(tokenizer, model.config.vocab_size, max_len, min(s.max_tokens, max_len - 1),
