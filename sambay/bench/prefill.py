@@ -25,9 +25,8 @@ from sambay.kernels import PackedLinear, fast_cpu_matmul, int8_rows_fast
 def counting_linear_flops(model, total: list):
     """Adds to total[0] the multiply-add FLOPs of every linear layer called as a module inside the
     block. Right where a model skips work (SambaY's prefill runs its
-    cross-decoder only where logits are kept), unlike 2 x parameters x tokens. Single decode positions
-    that run as native blocks (kernels.blocks) are not seen: the cross-decoder's one position of a
-    prefill, under 1/tokens of the count."""
+    cross-decoder only where logits are kept), unlike 2 x parameters x tokens. Mamba's dt_proj (0.2 %
+    of the weights) is applied through its weight, so it is not counted."""
     def hook(module, inputs, output):
         total[0] += 2 * output.numel() * inputs[0].shape[-1]
 
