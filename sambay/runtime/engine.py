@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: Stats = field(default_factory=Stats)
+    # Tokens to emit next instead of sampling, queued by a per-request hook (a spent thinking budget
+    # forces "</think>"); each is reported, counted and fed like a sampled one.
+    forced: deque[int] = field(default_factory=deque)
 
     @property
     def finished(self) -> bool:
@@ -229,6 +233,9 @@ class Engine:
                      [r.counts for r in reqs])
         events = []
         for i, (r, tok) in enumerate(zip(reqs, ids.tolist())):
+            if r.forced:
+                tok = r.forced.popleft()
+                ids[i] = tok
             ev = Event(r.request_id, tok)
             if r.params.logprobs is not None:
                 chosen, top_ids, top_lp = token_logprobs(logits[i:i + 1], ids[i:i + 1], r.params.logprobs)

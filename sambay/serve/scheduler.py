@@ -95,6 +95,9 @@ class Job:
         self.request = None
         self.text: RequestText | None = None
         self.first_token_at: float | None = None
+        # Called on the scheduler thread with (engine request, text) after each token, e.g. a
+        # thinking budget that queues forced tokens (sambay.serve.reasoning.ThinkingBudget).
+        self.on_token: Callable | None = None
 
 
 async def outputs_of(jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, Output]]:
@@ -286,6 +289,8 @@ class Scheduler:
     def _text(self, job: Job, ev: Event) -> Output:
         """One token's Output: its text, cut at a stop string (which also ends the request)."""
         piece = job.text.push(ev)
+        if job.on_token is not None:
+            job.on_token(job.request, piece)
         finish = ev.finish_reason
         if job.text.stopped:
             self.engine.cancel(job.request)  # a no-op if it just finished anyway
