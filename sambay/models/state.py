@@ -89,6 +89,46 @@ class DecodeState:
         self.valid[dst].copy_(self.valid[src])
         self.lengths[dst] = self.lengths[src]
 
+    def snapshot_row(self, row: int) -> dict:
+        """Copies of what row `row` holds, enough to put a row back in this condition (`restore_row`,
+        the prefix cache): conv and SSM states whole, the K/V slots holding positions (a ring keeps
+        its layout, slot = position % slots), the validity of its positions and its length."""
+        used = int(self.lengths[row])
+        snap = {name: [None if t is None else t[row].clone() for t in getattr(self, name)]
+                for name in ("conv", "ssm")}
+        for name in ("k", "v"):
+            snap[name] = [None if t is None else t[row][..., :min(used, t.shape[-2]), :].clone()
+                          for t in getattr(self, name)]
+        snap["slots"] = [None if t is None else t.shape[-2] for t in self.k]
+        snap["valid"], snap["length"] = self.valid[row, :used].clone(), used
+        return snap
+
+    def can_restore(self, snap: dict) -> bool:
+        """Whether `snap` (from a state of the same model) fits these rows: room for its positions,
+        and each K/V buffer as many slots wide, or all its positions within both rings' first lap."""
+        used = snap["length"]
+        if used > self.max_length or len(snap["slots"]) != len(self.k):
+            return False
+        for t, slots in zip(self.k, snap["slots"]):
+            if (t is None) != (slots is None):
+                return False
+            if t is not None and t.shape[-2] != slots and used > min(slots, t.shape[-2]):
+                return False
+        return True
+
+    def restore_row(self, row: int, snap: dict) -> None:
+        """Put row `row` in the condition `snap` was taken in (check `can_restore` first)."""
+        for t, s in zip(self.conv + self.ssm, snap["conv"] + snap["ssm"]):
+            if t is not None:
+                t[row].copy_(s)
+        for t, s in zip(self.k + self.v, snap["k"] + snap["v"]):
+            if t is not None:
+                t[row][..., :s.shape[-2], :].copy_(s)
+        used = snap["length"]
+        self.valid[row].zero_()
+        self.valid[row, :used] = snap["valid"]
+        self.lengths[row] = used
+
     def reset(self) -> None:
         """Empty every row (K/V need no clearing: `valid` hides stale slots)."""
         for t in self.conv + self.ssm:

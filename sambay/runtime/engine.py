@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from sambay.errors import SambayError
+from sambay.runtime.prefix_cache import PREFIX_CACHE_MB, PrefixCache, RowPrefill, store_row
 from sambay.runtime.sampling import SamplingParams, TokenCounts, sample, token_logprobs
 from sambay.runtime.text import TextStream
 
@@ -83,6 +84,7 @@ class Stats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache or shared with another request
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -129,6 +131,7 @@ class Request:
     generator: torch.Generator | None
     counts: TokenCounts | None
     slot: int = -1
+    prefill: RowPrefill | None = None  # while begun and not yet prefilled (Engine.begin_request)
     logits: torch.Tensor | None = None  # (V,) logits for the next token
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -136,6 +139,7 @@ class Request:
     # Tokens to emit next instead of sampling, queued by a per-request hook (a spent thinking budget
     # forces "</think>"); each is reported, counted and fed like a sampled one.
     forced: deque[int] = field(default_factory=deque)
+    matcher: Any = None  # params.grammar's state for this request: masks its row only
 
     @property
     def finished(self) -> bool:
@@ -153,11 +157,14 @@ class Engine:
     max_batch_size: rows of the state (requests decoded together). max_length: tokens per row
     (prompt + output); None sizes the state on the first request and grows it later whenever the
     engine is idle and a request needs more, up to the model's context. prefill_chunk: prompt
-    tokens per prefill call. A scheduler drives it with add_request / step / cancel.
+    tokens per prefill call. prefix_cache_mb: budget of the prefix-state cache (0 turns it off,
+    see sambay.runtime.prefix_cache): a prompt starting with a prefix seen before (the history of
+    a chat, a shared system prompt) restores it and prefills only the rest. A scheduler drives it
+    with add_request / step / cancel, or begin_request / prefill to prefill a prompt in pieces.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 1, max_length: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_mb: float = PREFIX_CACHE_MB):
         if max_batch_size < 1:
             raise SambayError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_length is not None and max_length > model.config.max_position_embeddings:
@@ -171,6 +178,9 @@ class Engine:
         self.stop_ids = default_stop_ids(model)
         self.state = None if max_length is None else model.new_state(max_batch_size, max_length)
         self.active: list[Request] = []  # active[i] sits in row i of the state
+        self.pending: list[Request] = []  # begun, still prefilling (each in a staging row of its own)
+        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2**20), block=prefill_chunk)
+                             if prefix_cache_mb > 0 else None)
         self._ids = itertools.count()
 
     # ---- scheduler API ---------------------------------------------------------------------------
@@ -180,12 +190,71 @@ class Engine:
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch_size - len(self.active)
+        return self.max_batch_size - len(self.active) - len(self.pending)
 
     @torch.no_grad()
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
                     request_id: Any = None) -> Request:
         """Prefill a new request into a free row; its first token comes with the next step()."""
+        req = self._new_request(prompt_ids, params, request_id)
+        req.slot = len(self.active)
+        start = time.perf_counter()
+        job = RowPrefill(self.model, self.state, req.slot, req.prompt_ids, self.prefill_chunk, self.prefix_cache)
+        job.run()
+        self._joined(req, job)
+        req.stats.prefill_seconds = time.perf_counter() - start
+        return req
+
+    @torch.no_grad()
+    def begin_request(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
+                      request_id: Any = None) -> Request:
+        """Take a row for a new request without prefilling it yet: call prefill(req, budget) until
+        it returns True (the request then decodes with the next step()). A scheduler uses this to
+        run a long prompt a chunk at a time between decode steps."""
+        req = self._new_request(prompt_ids, params, request_id)
+        staging = self.model.new_state(1, self.state.max_length)  # one row, the batch's layout
+        req.prefill = RowPrefill(self.model, staging, 0, req.prompt_ids, self.prefill_chunk, self.prefix_cache)
+        req.stats.prefill_seconds = 0.0
+        self.pending.append(req)
+        return req
+
+    @torch.no_grad()
+    def prefill(self, req: Request, budget: int | None = None) -> bool:
+        """Prefill up to `budget` more prompt tokens of a begun request (None: all of them). True
+        once it has joined the batch."""
+        start = time.perf_counter()
+        job = req.prefill
+        job.run(budget)
+        req.stats.prefill_seconds += time.perf_counter() - start
+        if not job.done:
+            return False
+        self.pending.remove(req)
+        req.prefill, req.slot = None, len(self.active)
+        self.state.restore_row(req.slot, job.state.snapshot_row(0))
+        self._joined(req, job)
+        return True
+
+    @torch.no_grad()
+    def fork(self, source: Request, params: SamplingParams | None = None, request_id: Any = None) -> Request:
+        """A new request on the prompt of active request `source`, which has not decoded yet: its
+        row is copied instead of prefilled (n > 1 choices, identical prompts arriving together)."""
+        if source not in self.active or source.output_ids:
+            raise SambayError("fork needs an active request that has not generated yet")
+        req = self._new_request(source.prompt_ids, params, request_id)
+        req.slot = len(self.active)
+        self.state.copy_row(source.slot, req.slot)
+        req.logits = source.logits.clone()
+        req.stats.prompt_tokens = req.stats.cached_tokens = len(req.prompt_ids)
+        self.active.append(req)
+        return req
+
+    def _joined(self, req: Request, job: RowPrefill) -> None:
+        req.logits = job.logits
+        req.stats.prompt_tokens, req.stats.cached_tokens = len(req.prompt_ids), job.cached
+        self.active.append(req)
+
+    def _new_request(self, prompt_ids, params: SamplingParams | None, request_id: Any) -> Request:
+        """Check a new request and make its bookkeeping (the state is sized for it)."""
         params = (params or SamplingParams()).validate()
         prompt = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
         if not prompt:
@@ -193,7 +262,7 @@ class Engine:
         V = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= V:
             raise SambayError(f"prompt token ids must be in [0, {V}), got {min(prompt)}..{max(prompt)}")
-        if request_id is not None and any(r.request_id == request_id for r in self.active):
+        if request_id is not None and any(r.request_id == request_id for r in self.active + self.pending):
             raise SambayError(f"request id {request_id!r} is already active; give each request its own id")
         if not self.free_slots:
             raise SambayError(f"the engine is full ({self.max_batch_size} active requests); wait for "
@@ -204,20 +273,8 @@ class Engine:
         req = Request(request_id=next(self._ids) if request_id is None else request_id,
                       prompt_ids=prompt, params=params, stop_ids=frozenset(stop_ids),
                       generator=params.make_generator(),
-                      counts=TokenCounts(V, prompt) if params.penalized else None)
-        req.slot = len(self.active)
-        start = time.perf_counter()
-        row = self.state.rows(req.slot)
-        row.reset()
-        ids = torch.tensor([prompt], dtype=torch.long)
-        whole = getattr(self.model, "prefill_whole", None)  # a family whose result depends on chunking
-        chunk = len(prompt) if whole is not None and whole(len(prompt)) else self.prefill_chunk
-        for i in range(0, len(prompt), chunk):
-            logits = self.model(ids[:, i:i + chunk], state=row)
-        req.logits = logits[0, -1]
-        req.stats.prompt_tokens = len(prompt)
-        req.stats.prefill_seconds = time.perf_counter() - start
-        self.active.append(req)
+                      counts=TokenCounts(V, prompt) if params.penalized else None,
+                      matcher=params.grammar.new_matcher() if params.grammar is not None else None)
         return req
 
     @torch.no_grad()
@@ -230,7 +287,7 @@ class Engine:
         reqs = list(self.active)
         logits = torch.stack([r.logits for r in reqs])  # (n, V)
         ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
-                     [r.counts for r in reqs])
+                     [r.counts for r in reqs], [r.matcher for r in reqs])
         events = []
         for i, (r, tok) in enumerate(zip(reqs, ids.tolist())):
             if r.forced:
@@ -244,7 +301,9 @@ class Engine:
             r.output_ids.append(tok)
             if r.counts is not None:
                 r.counts.add(tok)
-            if tok in r.stop_ids:
+            if r.matcher is not None:
+                r.matcher.accept(tok)
+            if tok in r.stop_ids or (r.matcher is not None and r.matcher.terminated):
                 r.finish_reason = "stop"
             elif len(r.output_ids) >= r.params.max_new_tokens:
                 r.finish_reason = "length"
@@ -267,6 +326,12 @@ class Engine:
 
     def cancel(self, request: Request | Any) -> bool:
         """Stop a request and free its row. Returns False if it was not active."""
+        for r in self.pending:
+            if r is request or r.request_id == request:
+                r.finish_reason = r.finish_reason or "cancelled"
+                self.pending.remove(r)
+                r.prefill = None
+                return True
         for r in self.active:
             if r is request or r.request_id == request:
                 if r.finish_reason is None:
@@ -277,7 +342,7 @@ class Engine:
 
     def reset(self) -> None:
         """Drop every active request."""
-        for r in list(self.active):
+        for r in list(self.pending) + list(self.active):
             self.cancel(r)
 
     # ---- conveniences ----------------------------------------------------------------------------
@@ -316,7 +381,7 @@ class Engine:
     def _ensure_capacity(self, need: int) -> None:
         if self.state is not None and need <= self.state.max_length:
             return
-        if self.active or self.max_length is not None:
+        if self.active or self.pending or self.max_length is not None:
             have = self.state.max_length
             raise SambayError(f"the request needs {need} tokens (prompt + max_new_tokens) but the engine's "
                               f"state holds {have} per request; lower max_new_tokens or make the Engine "
@@ -328,7 +393,11 @@ class Engine:
         self.state = self.model.new_state(self.max_batch_size, max(size, need))
 
     def _release(self, req: Request) -> None:
-        """Take `req` out of the batch; the last active row moves into its row."""
+        """Take `req` out of the batch (its row goes to the prefix cache: a next chat turn starts
+        with these tokens); the last active row moves into its row."""
+        fed = (req.prompt_ids + req.output_ids)[:int(self.state.lengths[req.slot])]
+        store_row(self.prefix_cache, self.model, self.state, req.slot, fed,
+                  req.logits if len(fed) == len(req.prompt_ids) + len(req.output_ids) else None)
         i = self.active.index(req)
         last = self.active.pop()
         if last is not req:
