@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,9 @@ class SamplingParams:
     `stop` strings are honoured by the text layer (it needs a tokenizer). `logprobs` N asks for the
     log-probability of each chosen token plus the N most likely alternatives (0: the chosen only),
     taken from the model's raw distribution, before penalties and temperature.
+    `grammar` (e.g. sambay.serve.structured.Grammar) constrains the output: anything with
+    `new_matcher()`, whose matcher masks the row's logits before sampling (`mask_logits(row)`) and
+    follows each chosen token (`accept(id)`); the engine makes one matcher per request.
     """
 
     max_new_tokens: int = 256
@@ -48,6 +52,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    grammar: Any = None
 
     def validate(self) -> SamplingParams:
         """Raise SambayError naming the first bad field; return self so calls can be chained."""
@@ -247,10 +252,12 @@ def filter_mask_ref(logits: torch.Tensor, top_k: int, top_p: float, min_p: float
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None,
-           counts: Sequence[TokenCounts | None] | None = None) -> torch.Tensor:
-    """Pick one id per row. logits (B, V); params, generators, counts: one entry per row
-    (a penalized row needs its TokenCounts; a sampled row without a generator uses a fresh one).
-    Returns ids (B,) long."""
+           counts: Sequence[TokenCounts | None] | None = None,
+           matchers: Sequence[Any] | None = None) -> torch.Tensor:
+    """Pick one id per row. logits (B, V); params, generators, counts, matchers: one entry per row
+    (a penalized row needs its TokenCounts; a sampled row without a generator uses a fresh one; a
+    row with a grammar matcher samples only among the ids it allows, after the penalties, and the
+    rows without one are not touched). Returns ids (B,) long."""
     B, V = logits.shape
     if len(params) != B:
         raise ValueError(f"{len(params)} SamplingParams for {B} rows of logits")
@@ -262,6 +269,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                 if counts is None or counts[b] is None:
                     raise ValueError(f"row {b} uses a penalty but has no TokenCounts")
                 x[b] = apply_penalties(x[b], p, counts[b])
+    if matchers is not None and any(m is not None for m in matchers):
+        if x is logits:
+            x = x.clone()  # the caller's logits stay raw (logprobs are taken from them)
+        for b, m in enumerate(matchers):
+            if m is not None:
+                m.mask_logits(x[b])
     ids = x.argmax(dim=-1)
     rows = [b for b, p in enumerate(params) if not p.greedy]
     if not rows:

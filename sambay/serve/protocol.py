@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
+from sambay.serve.structured import request_grammar
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
@@ -47,6 +48,20 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
+class JsonSchemaFormat(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow pydantic's
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema; enforced by a
+    grammar over the request's tokens (sambay/serve/structured.py)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -61,6 +76,7 @@ class ChatCompletionRequest(_Body):
     max_tokens: int | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -252,11 +268,23 @@ def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> Sampli
         repetition_penalty=float(pick("repetition_penalty", 1.0)),
         presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
         seed=req.seed, stop_token_ids=[] if req.ignore_eos else list(info.stop_ids), stop=stop,
-        logprobs=logprobs)
+        logprobs=logprobs, grammar=_response_grammar(req, info) if chat else None)
     try:
         return params.validate()
     except SambayError as e:
         raise APIError(400, str(e)) from None
+
+
+def _response_grammar(req: ChatCompletionRequest, info: ModelInfo) -> Any:
+    """The grammar of the request's response_format (None: free text); compiled once per schema."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(400, "response_format of type json_schema needs \"json_schema\": {\"name\": ..., "
+                            "\"schema\": {...}}", param="response_format.json_schema")
+    try:
+        return request_grammar(fmt, info)
+    except SambayError as e:
+        raise APIError(400, str(e), param="response_format") from None
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
