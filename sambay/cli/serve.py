@@ -50,8 +50,14 @@ def add_serve(p: argparse.ArgumentParser) -> None:
          type=int, metavar="N")
     flag("--max-model-len", "SAMBAY_MAX_MODEL_LEN", f"tokens per request, prompt + completion (default: the "
          f"model's context, at most {DEFAULT_MAX_MODEL_LEN}); sizes the decode state", type=int, metavar="N")
-    flag("--max-tokens", "SAMBAY_MAX_TOKENS", "the most tokens one request may ask to generate", d.max_tokens,
-         type=int, metavar="N")
+    flag("--max-tokens", "SAMBAY_MAX_TOKENS", "the most tokens one request may ask to generate (default: what "
+         "the context leaves, also a chat request's default max_tokens)", d.max_tokens, type=int, metavar="N")
+    flag("--reasoning-format", "SAMBAY_REASONING_FORMAT", "auto: a reply's <think>...</think> goes to "
+         "message.reasoning_content (and streamed deltas), the rest to content; none: all of it is content",
+         d.reasoning_format, choices=["auto", "none"])
+    flag("--reasoning-budget", "SAMBAY_REASONING_BUDGET", "the most tokens a reply may think before </think> is "
+         "forced and the model answers (0: no thinking; a request's \"reasoning_budget\" overrides it; default: "
+         "no limit)", type=int, metavar="N")
     flag("--max-request-bytes", "SAMBAY_MAX_REQUEST_BYTES", "largest request body accepted; more get 413",
          d.max_request_bytes, type=int, metavar="N")
     flag("--shutdown-timeout", "SAMBAY_SHUTDOWN_TIMEOUT", "seconds in-flight requests get to finish on "

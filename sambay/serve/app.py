@@ -1,8 +1,8 @@
 """The OpenAI routes as a FastAPI app, behind the Gate (sambay/serve/gate.py).
 
-Endpoints: GET /health (503 until the model is loaded, then 200), GET /metrics (Prometheus text),
-GET /v1/models, POST /v1/completions and POST /v1/chat/completions ("stream": true gives
-server-sent events ending in `data: [DONE]`).
+Endpoints: GET / (the chat page, sambay/serve/static/index.html), GET /health (503 until the
+model is loaded, then 200), GET /metrics (Prometheus text), GET /v1/models, POST /v1/completions
+and POST /v1/chat/completions ("stream": true gives server-sent events ending in `data: [DONE]`).
 
 Route handlers stay thin: a request body (a model in sambay/serve/protocol.py) becomes prompt ids
 and one SamplingParams, then one Job per choice for the scheduler; the Jobs' Outputs become OpenAI
@@ -17,21 +17,26 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from sambay.runtime.sampling import SamplingParams
 from sambay.serve.gate import Gate
-from sambay.serve.protocol import (AnyRequest, APIError, ChatCompletionRequest, CompletionRequest, chat_prompt,
-                                   choice_params, completion_prompts, parse_json, sampling_params)
-from sambay.serve.responses import SSE_DONE, StreamChunks, output_error, response_body, sse
+from sambay.serve.protocol import (AnyRequest, APIError, ChatCompletionRequest, ChatPrompt, CompletionRequest,
+                                   chat_prompt, choice_params, completion_prompts, parse_json, sampling_params)
+from sambay.serve.reasoning import CLOSE_TEXT, ThinkingBudget
+from sambay.serve.responses import SSE_DONE, Reply, StreamChunks, output_error, response_body, sse
 from sambay.serve.scheduler import Job, Output, outputs_of
 from sambay.serve.settings import Settings
 from sambay.serve.state import ServerState
+
+# The chat page at GET /: one static file shipped in the package (no build step, no CDN).
+CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
@@ -65,6 +70,10 @@ def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
     async def internal_error(request, e: Exception):
         return APIError(500, f"internal error ({type(e).__name__}); see the server log", type="server_error").response()
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(CHAT_PAGE, media_type="text/html")
+
     @app.get("/health")
     async def health():
         if state.scheduler.ready.is_set():
@@ -93,7 +102,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
         state.check_model(req.model)
         info = state.ready_info()
         prompt = await run_in_threadpool(chat_prompt, req, info.tokenizer)
-        return await run_request(state, request, req, [prompt])
+        return await run_request(state, request, req, [prompt.ids], prompt)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -111,11 +120,13 @@ def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
 # ---------------------------------------------------------------------------------------------
 
 
-async def run_request(state: ServerState, request: Request, req: AnyRequest, prompts: list[list[int]]) -> Response:
+async def run_request(state: ServerState, request: Request, req: AnyRequest, prompts: list[list[int]],
+                      chat_turn: ChatPrompt | None = None) -> Response:
     """Submit one request's jobs and answer with JSON or a stream."""
     chat = isinstance(req, ChatCompletionRequest)
     params = sampling_params(req, max(len(p) for p in prompts), state.info)
     jobs = _jobs(prompts, params, req.n)
+    replies, budgets = _replies(state, req, chat_turn, jobs) if chat else (None, None)
     state.submit(jobs)
     prompt_tokens = sum(len(p) for p in prompts)
     record = request.scope.setdefault("sambay", {})  # for the access log (the Gate writes it)
@@ -124,7 +135,7 @@ async def run_request(state: ServerState, request: Request, req: AnyRequest, pro
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = StreamChunks(rid, chat, state.model_name, include_usage, state.text_of)
-        return StreamingResponse(stream(state, jobs, chunks, prompt_tokens, record),
+        return StreamingResponse(stream(state, jobs, chunks, prompt_tokens, record, replies, budgets),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results = await collect(state, jobs, request)
@@ -136,7 +147,30 @@ async def run_request(state: ServerState, request: Request, req: AnyRequest, pro
             raise output_error(out)
     record["completion_tokens"] = sum(out.completion_tokens for out in results)
     return JSONResponse(response_body(rid, chat, state.model_name, [(j.index, out) for j, out in zip(jobs, results)],
-                                      prompt_tokens, state.text_of))
+                                      prompt_tokens, state.text_of, replies, _reasoning_tokens(budgets)))
+
+
+def _replies(state: ServerState, req: ChatCompletionRequest, turn: ChatPrompt,
+             jobs: list[Job]) -> tuple[list[Reply], list[ThinkingBudget] | None]:
+    """Each chat job's Reply (its text into reasoning_content / content / tool_calls) and, when the
+    thinking is parsed, its ThinkingBudget hook on the scheduler thread (reasoning tokens, budget)."""
+    reasoning = state.settings.reasoning_format == "auto"
+    tools = bool(req.tools) and req.tool_choice != "none"
+    replies = [Reply(reasoning, turn.thinking, tools, turn.prefix) for _ in jobs]
+    if not reasoning:
+        return replies, None
+    budget = req.reasoning_budget if req.reasoning_budget is not None else state.settings.reasoning_budget
+    budget = None if budget is None or budget < 0 else budget
+    close_ids = state.info.tokenizer.encode(CLOSE_TEXT)
+    budgets = []
+    for job in jobs:
+        job.on_token = ThinkingBudget(close_ids, budget, turn.thinking)
+        budgets.append(job.on_token)
+    return replies, budgets
+
+
+def _reasoning_tokens(budgets: list[ThinkingBudget] | None) -> int | None:
+    return None if budgets is None else sum(b.reasoning_tokens for b in budgets)
 
 
 def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]:
@@ -175,10 +209,13 @@ async def collect(state: ServerState, jobs: list[Job], request: Request) -> list
 
 
 async def stream(state: ServerState, jobs: list[Job], chunks: StreamChunks, prompt_tokens: int,
-                 record: dict) -> AsyncIterator[str]:
+                 record: dict, replies: list[Reply] | None = None,
+                 budgets: list[ThinkingBudget] | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per increment, a chunk with finish_reason per choice, an
-    optional usage chunk, then [DONE]. Leaving early (the client went away) cancels the jobs."""
+    optional usage chunk, then [DONE]. Leaving early (the client went away) cancels the jobs.
+    A chat choice's increments go through its Reply, so each delta carries its own field."""
     tokens = {job: 0 for job in jobs}
+    reply_of = dict(zip(jobs, replies)) if replies else {}
     try:
         if chunks.chat:
             yield chunks.roles([j.index for j in jobs])
@@ -187,13 +224,20 @@ async def stream(state: ServerState, jobs: list[Job], chunks: StreamChunks, prom
             if out.error:
                 yield sse(output_error(out).body())
                 break
-            if out.text or out.logprobs:
+            reply = reply_of.get(job)
+            finish = out.finish_reason
+            if reply is not None:
+                text = chunks.deltas(job.index, reply.push(out.text, final=finish is not None), out.logprobs)
+                if text:
+                    yield text
+                finish = reply.finish_reason(finish)
+            elif out.text or out.logprobs:
                 yield chunks.piece(job.index, out.text, out.logprobs)
-            if out.finish_reason:
-                yield chunks.piece(job.index, "", None, out.finish_reason)
+            if finish:
+                yield chunks.piece(job.index, "", None, finish)
         else:
             if chunks.include_usage:
-                yield chunks.usage(prompt_tokens, sum(tokens.values()))
+                yield chunks.usage(prompt_tokens, sum(tokens.values()), _reasoning_tokens(budgets))
         yield SSE_DONE
     except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
         record["disconnected"] = True

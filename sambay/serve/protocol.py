@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
+from sambay.serve.reasoning import opens_thinking
+from sambay.serve.tools import reply_prefix, template_messages, tool_definitions
 from sambay.serve.structured import request_grammar
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -42,10 +44,45 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as the OpenAI API sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the history
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an earlier reply's thinking: accepted, left out of the prompt
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Body):
@@ -83,6 +120,9 @@ class ChatCompletionRequest(_Body):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
+    parallel_tool_calls: bool | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
     # sambay (and vLLM) extensions
@@ -90,6 +130,7 @@ class ChatCompletionRequest(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    reasoning_budget: int | None = Field(None, ge=-1)  # thinking tokens before </think> is forced; -1: no limit
 
 
 class CompletionRequest(_Body):
@@ -300,17 +341,46 @@ def _message_text(message: ChatMessage) -> str:
     return message.content or ""
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
-    """The messages through the model's chat template, ending with the assistant's turn."""
+@dataclass
+class ChatPrompt:
+    """A chat request's prompt: its ids (the reply's forced `prefix` included), that prefix's text
+    (the reply starts with it), and whether the prompt left the thinking open."""
+
+    ids: list[int]
+    prefix: str = ""
+    thinking: bool = False
+
+
+def _tool_choice(req: ChatCompletionRequest) -> Any:
+    """tool_choice as plain data ("auto" when tools come without one), checked against the tools."""
+    choice = req.tool_choice
+    names = [t.function.name for t in req.tools or []]
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among "
+                                f"the tools ({', '.join(names) or 'none given'})", param="tool_choice")
+        return choice.model_dump()
+    if choice == "required" and not names:
+        raise APIError(400, "tool_choice \"required\" needs tools; send \"tools\": [...]", param="tool_choice")
+    return choice or ("auto" if names else "none")
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer) -> ChatPrompt:
+    """The messages (and tools) through the model's chat template, ending with the assistant's turn
+    and, when tool_choice requires a call, the opening of that call (sambay/serve/tools.py)."""
     if not req.messages:
         raise APIError(400, "messages must not be empty; send at least one {\"role\": \"user\", \"content\": ...}",
                        param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                for m in req.messages]
+    choice = _tool_choice(req)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m),
+                 "tool_calls": [c.model_dump() for c in m.tool_calls or []]} for m in req.messages]
+    tools = tool_definitions([t.model_dump() for t in req.tools or []], choice)
+    prefix = reply_prefix(choice)
     try:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        text = tokenizer.apply_chat_template(template_messages(messages, tools), add_generation_prompt=True)
     except SambayError as e:
         raise APIError(400, str(e), param="messages") from None
+    return ChatPrompt(tokenizer.encode(text + prefix), prefix, opens_thinking(text) and not prefix)
 
 
 def completion_prompts(req: CompletionRequest, info: ModelInfo) -> list[list[int]]:

@@ -13,8 +13,72 @@ import time
 from typing import Any
 
 from sambay.serve.protocol import APIError
+from sambay.serve.reasoning import REASONING, ReasoningParser
 from sambay.serve.scheduler import Output, TokenLogprob
+from sambay.serve.tools import ToolCallParser
 from sambay.tokenizer import bytes_to_unicode
+
+
+class Reply:
+    """One chat choice's text as the OpenAI fields it belongs to, as it arrives: the thinking
+    (reasoning_content, when parsed: sambay/serve/reasoning.py), the answer (content) and its tool
+    calls (tool_calls, when the request has tools: sambay/serve/tools.py). `prefix` is the text
+    the prompt made the reply start with (the opening of a required call)."""
+
+    def __init__(self, reasoning: bool, thinking: bool = False, tools: bool = False, prefix: str = ""):
+        self.reasoning = ReasoningParser(thinking) if reasoning else None
+        self.tools = ToolCallParser() if tools else None
+        self.fields: dict[str, str] = {}
+        self.calls: list[dict] = []
+        self._prefix = prefix
+
+    def push(self, text: str, final: bool = False) -> list[dict]:
+        """The deltas (each {field: value}) this text completes; final: the reply ended."""
+        text, self._prefix = self._prefix + text, ""
+        parts = self.reasoning.push(text) if self.reasoning else [("content", text)] if text else []
+        if final and self.reasoning:
+            parts += self.reasoning.flush()
+        deltas: list[dict] = []
+        for field, piece in parts:
+            if field == REASONING or self.tools is None:
+                deltas.append({field: piece})
+            else:
+                deltas += self._answer(self.tools.push(piece))
+        if final and self.tools:
+            deltas += self._answer(self.tools.flush())
+        out: list[dict] = []
+        for d in deltas:  # neighbours of one text field become one delta
+            (key, value), = d.items()
+            if key != "tool_calls" and out and key in out[-1]:
+                out[-1][key] += value
+            else:
+                out.append(dict(d))
+            if key != "tool_calls":
+                self.fields[key] = self.fields.get(key, "") + value
+        return out
+
+    def _answer(self, parts: list) -> list[dict]:
+        deltas = []
+        for kind, value in parts:
+            if kind == "tool_calls":
+                self.calls += value
+                deltas.append({"tool_calls": value})
+            else:
+                deltas.append({"content": value})
+        return deltas
+
+    def finish_reason(self, finish: str | None) -> str | None:
+        return "tool_calls" if self.calls and finish == "stop" else finish
+
+    def message(self) -> dict:
+        """The whole reply as a chat message (after the final push)."""
+        message = {"role": "assistant", "content": self.fields.get("content", None if self.calls else ""),
+                   "refusal": None}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.fields.get(REASONING, "" if self.reasoning.saw_reasoning else None)
+        if self.calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.calls]
+        return message
 
 
 class TokenText:
@@ -54,9 +118,12 @@ def completion_logprobs(lps: list[TokenLogprob], text_of: TokenText, offset: int
             "top_logprobs": [{text_of(i)[0]: p for i, p in lp.top} for lp in lps], "text_offset": offsets}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return body
 
 
 def output_error(out: Output) -> APIError:
@@ -75,21 +142,25 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def response_body(rid: str, chat: bool, model_name: str, results: list[tuple[int, Output]],
-                  prompt_tokens: int, text_of: TokenText) -> dict:
-    """A whole (not streamed) response: one choice per (choice index, merged Output)."""
+                  prompt_tokens: int, text_of: TokenText, replies: list[Reply] | None = None,
+                  reasoning_tokens: int | None = None) -> dict:
+    """A whole (not streamed) response: one choice per (choice index, merged Output); a chat
+    choice's message is its Reply's fields (a plain message without replies)."""
     choices = []
-    for index, out in results:
+    for k, (index, out) in enumerate(results):
         if chat:
             logprobs = chat_logprobs(out.logprobs or [], text_of) if out.logprobs is not None else None
-            choices.append({"index": index, "message": {"role": "assistant", "content": out.text, "refusal": None},
-                            "logprobs": logprobs, "finish_reason": out.finish_reason})
+            reply = replies[k] if replies else Reply(reasoning=False)
+            reply.push(out.text, final=True)
+            choices.append({"index": index, "message": reply.message(), "logprobs": logprobs,
+                            "finish_reason": reply.finish_reason(out.finish_reason)})
         else:
             logprobs = completion_logprobs(out.logprobs or [], text_of, 0) if out.logprobs is not None else None
             choices.append({"index": index, "text": out.text, "logprobs": logprobs,
                             "finish_reason": out.finish_reason})
     completion_tokens = sum(out.completion_tokens for _, out in results)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+            "model": model_name, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, reasoning_tokens),
             "system_fingerprint": None}
 
 
@@ -124,5 +195,17 @@ class StreamChunks:
             self._offsets[index] = offset + len(text)
         return self._chunk([choice])
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return self._chunk([], usage(prompt_tokens, completion_tokens))
+    def deltas(self, index: int, deltas: list[dict], lps: list[TokenLogprob] | None) -> str:
+        """Chat: one chunk per delta of a Reply, each carrying the field its text belongs to
+        (reasoning_content, content or tool_calls); the tokens' logprobs ride on the first."""
+        if not deltas and not lps:
+            return ""
+        chunks = []
+        for k, delta in enumerate(deltas or [{}]):
+            logprobs = chat_logprobs(lps, self.text_of) if lps and k == 0 else None
+            chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": None}]))
+        return "".join(chunks)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> str:
+        return self._chunk([], usage(prompt_tokens, completion_tokens, reasoning_tokens))

@@ -31,7 +31,9 @@ class Settings:
     max_batch_size: int = 8
     max_queue: int = 64
     max_model_len: int | None = None
-    max_tokens: int = 4096
+    max_tokens: int | None = None  # None: what the context leaves (reasoning replies are long)
+    reasoning_format: str = "auto"  # "auto": <think>...</think> goes to reasoning_content; "none": all is content
+    reasoning_budget: int | None = None  # thinking tokens before </think> is forced; None: no limit
     max_request_bytes: int = 1 << 20
     shutdown_timeout: float = 10.0
     access_log: bool = True
@@ -40,7 +42,7 @@ class Settings:
     def check(self) -> None:
         """Raise SambayError, naming the flag, on a value the server cannot run with."""
         for name in ("max_batch_size", "max_tokens", "max_request_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SambayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise SambayError(f"--max-queue must be 0 or more, got {self.max_queue}")
@@ -49,7 +51,10 @@ class Settings:
         if not 0 <= self.port <= 65535:
             raise SambayError(f"--port must be in 0..65535, got {self.port}")
         # Values from the environment skip argparse's `choices` check.
-        for name, allowed in (("dtype", ("float32", "bfloat16")), ("quantize", ("int8",))):
+        if self.reasoning_budget is not None and self.reasoning_budget < 0:
+            raise SambayError(f"--reasoning-budget must be 0 or more, got {self.reasoning_budget}")
+        for name, allowed in (("dtype", ("float32", "bfloat16")), ("quantize", ("int8",)),
+                              ("reasoning_format", ("auto", "none"))):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise SambayError(f"--{name} must be one of {', '.join(allowed)}, got {value!r} "

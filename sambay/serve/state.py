@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from sambay.errors import SambayError
 from sambay.runtime.engine import Engine, text_stop_ids
@@ -23,8 +24,11 @@ from sambay.serve.settings import DEFAULT_MAX_MODEL_LEN, Settings, served_name
 class ServerState:
     """The server's one mutable object: settings, metrics, the scheduler and (once loaded) the model."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, load_model: Callable[[], tuple] | None = None):
         self.settings = settings
+        # () -> (model, tokenizer), run on the scheduler thread; the default loads settings.model.
+        self._load_model = load_model or (lambda: load_for_inference(
+            settings.model, dtype=settings.dtype, quantize=settings.quantize, random_weights=settings.random_weights))
         self.model_name = served_name(settings)
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -40,8 +44,7 @@ class ServerState:
         s = self.settings
         if s.load_delay:
             time.sleep(s.load_delay)
-        model, tokenizer = load_for_inference(s.model, dtype=s.dtype, quantize=s.quantize,
-                                              random_weights=s.random_weights)
+        model, tokenizer = self._load_model()
         context = model.config.max_position_embeddings
         if s.max_model_len is not None and s.max_model_len > context:
             raise SambayError(f"--max-model-len {s.max_model_len} is beyond the model's context of {context} "
@@ -51,7 +54,7 @@ class ServerState:
         stops = text_stop_ids(engine.model, engine.tokenizer)
         engine.run([[stops[0] if stops else 0]], SamplingParams(max_new_tokens=2))  # builds kernels
         self.text_of = TokenText(tokenizer)
-        self.info = ModelInfo(tokenizer, model.config.vocab_size, max_len, min(s.max_tokens, max_len - 1),
+        self.info = ModelInfo(tokenizer, model.config.vocab_size, max_len, min(s.max_tokens or max_len, max_len - 1),
                               stops, generation_defaults(model.generation_config))
         state_mb = engine.state.nbytes() / 2**20
         print(f"sambay: ready: {self.model_name} on {self.url}/v1 (batch {s.max_batch_size}, "
