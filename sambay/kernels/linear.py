@@ -16,6 +16,7 @@ from torch import nn
 
 from sambay.kernels import native
 from sambay.quant import quantize_int8
+from sambay.quant.int4 import DEFAULT_FORMAT, Int4Format, dequantize_int4, quantize_int4
 
 # Decode steps and small batches go through the GEMV kernel; more rows (prefill) use matmul.
 GEMV_MAX_ROWS = 16
@@ -60,7 +61,8 @@ class Scratch:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W.T (* scale) + b with W float32, bfloat16 or int8 (per-row scale).
+    """y = x @ W.T (* scale) + b with W float32, bfloat16, int8 (per-row scale) or 4-bit (uint8
+    blocks with float16 group scales, sambay.quant.int4's layout: `int4` is True).
 
     A few rows (decoding) go through the native GEMV and come out in float32, as packed models keep
     their activations (see `float32_activations`); more rows (prefill) use a matmul (`_matmul`)
@@ -70,7 +72,9 @@ class PackedLinear(nn.Module):
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                  persistent: bool = True):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = weight.shape[:2]
+        if weight.dtype == torch.uint8:  # 4-bit blocks (N / 4, K / 32, 4, 16)
+            self.out_features, self.in_features = weight.shape[0] * 4, weight.shape[1] * 32
         self.register_buffer("weight", weight, persistent=persistent)
         self.register_buffer("weight_scale", scale, persistent=persistent)
         self.register_buffer("bias", bias, persistent=persistent)
@@ -87,6 +91,19 @@ class PackedLinear(nn.Module):
             return cls(q, bias, s, out_dtype=w.dtype)
         return cls(w, bias)
 
+    @classmethod
+    def int4_from(cls, w: torch.Tensor, bias: torch.Tensor | None, fmt: Int4Format = DEFAULT_FORMAT,
+                  out_dtype: torch.dtype | None = None) -> PackedLinear:
+        """A 4-bit layer of float weights w (N, K) in format fmt; out_dtype as the float weights'."""
+        packed, scales = quantize_int4(w.detach(), fmt)
+        lin = cls(packed, bias, scales, out_dtype=out_dtype or w.dtype)
+        lin.out_features, lin.in_features = w.shape
+        return lin
+
+    @property
+    def int4(self) -> bool:
+        return self.weight.dtype == torch.uint8
+
     def dequantized(self, dtype: torch.dtype, r0: int = 0, r1: int | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Output rows r0:r1 (all by default; multiples of 4 for tiled weights) as plain dtype rows,
@@ -95,6 +112,9 @@ class PackedLinear(nn.Module):
         w, scale = self.weight, self.weight_scale
         if w.dtype == dtype and scale is None:
             return w[r0:r1]  # nothing to convert
+        if w.dtype == torch.uint8:  # 4-bit blocks of 4 rows
+            rows = dequantize_int4(w[r0 // 4:r1 // 4], scale[r0 // 4:r1 // 4], dtype)
+            return rows if out is None else out.view_as(rows).copy_(rows)
         if out is None:
             out = torch.empty((r1 - r0) * self.in_features, dtype=dtype, device=w.device)
         rows = out.view(r1 - r0, self.in_features)
@@ -115,19 +135,23 @@ class PackedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight"
-        if key in destination and destination[key].dim() == 4 and not keep_vars:  # keep_vars: as stored
+        if key in destination and destination[key].dim() == 4 and destination[key].dtype == torch.int8 and not keep_vars:  # keep_vars: as stored
             destination[key] = native.untile_int8(destination[key])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
-        if self.weight is not None and self.weight.dim() == 4 and key in state_dict and state_dict[key].dim() == 2:
+        if self.weight is not None and self.weight.dim() == 4 and self.weight.dtype == torch.int8 and key in state_dict and state_dict[key].dim() == 2:
             state_dict[key] = native.tile_int8(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS or self._gemv_for(x2):
+        if self.int4 and x2.device.type == "cpu":  # every row count: the kernel reads each weight once per call
+            b = self.bias
+            y = native.gemv_q4(x2, self.weight, self.weight_scale, b if b is None or b.dtype == torch.float32 else None)
+            y = y if b is None or b.dtype == torch.float32 else y + b
+        elif x2.shape[0] <= GEMV_MAX_ROWS or self._gemv_for(x2):
             b = self.bias
             if b is None or b.dtype == torch.float32:  # the kernel adds a float32 bias itself
                 y = native.gemv(x2, self.weight, self.weight_scale, bias=b)
@@ -167,5 +191,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "int8" if self.weight_scale is not None else str(self.weight.dtype).removeprefix("torch.")
-        kind += ", 4-row tiles" if self.weight.dim() == 4 else ""
+        if self.int4:
+            kind = f"int4 g{self.in_features // self.weight_scale.shape[1]}" + (
+                ", zero-point" if self.weight_scale.shape[2] == 8 else "")
+        kind += ", 4-row tiles" if self.weight.dim() == 4 and not self.int4 else ""
         return f"in={self.in_features}, out={self.out_features}, {kind}"

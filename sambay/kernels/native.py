@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sambay.kernels.loader import load_native
+from sambay.quant.int4 import dequantize_int4
 
 _lock = threading.Lock()
 _module = None
@@ -123,6 +124,34 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
         return y if bias is None else y + bias
     return mod.gemv(x.float(), w, EMPTY if scale is None else scale, int(exact),
                     EMPTY if bias is None else bias)
+
+
+def gemv_q4_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Reference for gemv_q4: the activations rounded to int8 per block of 32 as the kernel rounds
+    them, then exact (float64) math with the dequantized weights (sambay.quant.int4)."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    xs = blocks.abs().amax(-1, keepdim=True) / 127
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+    xq = (torch.round(blocks * (1 / xs)) * xs).reshape(x.shape)
+    return F.linear(xq.double(), dequantize_int4(packed, scales, torch.float64)).float()
+
+
+def q4_paths() -> list[str]:
+    """The 4-bit GEMV's paths in this build, fastest first (vnni, avx2, scalar); [] without kernels."""
+    mod = _load()
+    return list(mod.q4_paths()) if mod is not None else []
+
+
+def gemv_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+            path: str = "") -> torch.Tensor:
+    """x @ W.T + bias for 4-bit W (sambay.quant.int4's layout), activations rounded to int8 per 32
+    values; path: one of q4_paths() (tests), by default the fastest. gemv_q4_ref is the reference
+    (and what runs without kernels or under autograd)."""
+    mod = _module or _load()
+    if mod is None or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
+        y = F.linear(x.float(), dequantize_int4(packed, scales))
+        return y if bias is None else y + bias
+    return mod.gemv_q4(x.float(), packed, scales, EMPTY if bias is None else bias, path)
 
 
 def stream_read(buf: torch.Tensor) -> float:

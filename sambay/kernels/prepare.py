@@ -19,6 +19,7 @@ from sambay.kernels.backend import NativeOps
 from sambay.kernels.linear import PackedLinear, Scratch
 from sambay.ops import TORCH
 from sambay.quant import quantize_int8
+from sambay.quant.int4 import DEFAULT_FORMAT, INT8_LAYERS, Int4Format, fits_int4
 
 
 def progress(total: int, desc: str, unit: str):
@@ -54,6 +55,7 @@ def float32_activations(model) -> None:
     from bfloat16 around every one of them; only the K/V cache keeps the model's dtype."""
     keep = {id(model.model.embed_tokens.weight)}
     keep |= {id(m.weight) for m in model.modules() if isinstance(m, PackedLinear)}
+    keep |= {id(m.weight_scale) for m in model.modules() if isinstance(m, PackedLinear) and m.int4}  # float16 groups
     for mod in model.modules():
         for name, p in mod.named_parameters(recurse=False):
             if id(p) not in keep and p.is_floating_point() and p.dtype != torch.float32:
@@ -77,21 +79,48 @@ def int8_skeleton(model):
     return model
 
 
+def int4_skeleton(model, fmt: Int4Format, int8_layers: list[str]):
+    """The int4 twin of int8_skeleton: the layers named in int8_layers (a checkpoint's
+    quantization_config) get the int8 layout, the others format fmt's 4-bit blocks."""
+    int8_skeleton(model)
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear) and name not in int8_layers:
+            n, k = m.out_features, m.in_features
+            m.weight = torch.empty(n // 4, k // 32, 4, 16, dtype=torch.uint8, device="meta")
+            m.weight_scale = torch.empty(n // 4, k // fmt.group, 8 if fmt.asym else 4, dtype=torch.float16,
+                                         device="meta")
+    return model
+
+
+def _int4_layer(name: str, lin_weight: torch.Tensor, fmt: Int4Format, int8_layers) -> bool:
+    return name.split(".")[-1] not in int8_layers and name not in int8_layers and fits_int4(lin_weight.shape, fmt)
+
+
 @torch.no_grad()
-def quantize_model(model, mode: str = "int8"):
-    """In place: every nn.Linear and the output head (tied or not) become int8 PackedLinear layers."""
-    if mode != "int8":
-        raise SambayError(f"unknown quantization {mode!r}; supported: int8")
+def quantize_model(model, mode: str = "int8", fmt: Int4Format = DEFAULT_FORMAT,
+                   int8_layers: tuple[str, ...] = INT8_LAYERS):
+    """In place: every nn.Linear and the output head (tied or not) become int8 PackedLinear layers,
+    or for mode "int4" 4-bit ones in format fmt, except the layers named (or whose last name part
+    is) in int8_layers and those whose shape the 4-bit layout cannot hold, which stay int8."""
+    if mode not in ("int8", "int4"):
+        raise SambayError(f"unknown quantization {mode!r}; supported: int8, int4")
     linears = list(_linears(model))  # an untied lm_head is one of them
     emb = model.model.embed_tokens.weight if model.lm_head is None else None  # a tied head
     total = sum(lin.weight.numel() for _, _, lin in linears) + (emb.numel() if emb is not None else 0)
-    with progress(total, "quantizing to int8", "weights") as bar:
+    with progress(total, f"quantizing to {mode}", "weights") as bar:
+        names = {id(m): n for n, m in model.named_modules()}
         for parent, name, lin in linears:
-            setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
+            if mode == "int4" and _int4_layer(names[id(lin)], lin.weight, fmt, int8_layers):
+                setattr(parent, name, PackedLinear.int4_from(lin.weight, None if lin.bias is None else lin.bias.detach(), fmt))
+            else:
+                setattr(parent, name, PackedLinear.from_linear(lin, int8=True))
             bar.update(lin.weight.numel())
-        if emb is not None:  # the tied head: an int8 copy of the embedding, which stays for lookups
-            q, s = quantize_int8(emb.detach())
-            model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
+        if emb is not None:  # the tied head: an int8 (or 4-bit) copy of the embedding, which stays for lookups
+            if mode == "int4" and _int4_layer("lm_head", emb, fmt, int8_layers):
+                model.lm_head = PackedLinear.int4_from(emb, None, fmt)
+            else:
+                q, s = quantize_int8(emb.detach())
+                model.lm_head = PackedLinear(q, None, s, out_dtype=emb.dtype)
             bar.update(emb.numel())
     _pack_dt_proj(model)
     float32_activations(model)
@@ -112,8 +141,22 @@ def pack_model(model):
 
 
 def quantization_of(model) -> str | None:
-    """The weight format of a model's linear layers: "int8", or None for float weights."""
-    return "int8" if any(m.weight_scale is not None for m in model.modules() if isinstance(m, PackedLinear)) else None
+    """The weight format of a model's linear layers: "int4" (some 4-bit), "int8", or None."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if any(m.int4 for m in packed):
+        return "int4"
+    return "int8" if any(m.weight_scale is not None for m in packed) else None
+
+
+def int4_format_of(lin: PackedLinear) -> Int4Format:
+    """The stored format of a 4-bit layer (its group size, and a min per group or not)."""
+    return Int4Format(group=lin.in_features // lin.weight_scale.shape[1], asym=lin.weight_scale.shape[2] == 8)
+
+
+def int8_layer_names(model) -> list[str]:
+    """The int8 layers of a model that has 4-bit ones (its per-tensor policy, as saved)."""
+    return [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and not m.int4
+            and m.weight.dtype == torch.int8]
 
 
 def prepare_for_inference(model, quantize: str | None = None, level: str = "stack"):
@@ -123,7 +166,11 @@ def prepare_for_inference(model, quantize: str | None = None, level: str = "stac
     The native kernels are built (first use) or loaded here, and the weights brought into memory,
     so that no timed step pays for either."""
     lib = native.library()
-    if quantization_of(model):
+    have = quantization_of(model)
+    if have and quantize and quantize != have:
+        raise SambayError(f"the checkpoint is already quantized to {have}; drop --quantize {quantize} "
+                          f"(or use --quantize {have}), or load the unquantized checkpoint")
+    if have:
         _pack_dt_proj(model)
         float32_activations(model)
     elif quantize:

@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 
 from sambay.errors import SambayError
 from sambay.files import atomic_path, atomic_write_text, is_hub_id, read_json
-from sambay.kernels.prepare import int8_skeleton, quantization_of
+from sambay.kernels.linear import PackedLinear
+from sambay.kernels.prepare import int4_format_of, int4_skeleton, int8_layer_names, int8_skeleton, quantization_of
 from sambay.models import PRESETS, CausalLM, build_model, load_config, preset
 from sambay.models.base import FP32_PARAMS
 from sambay.quant import QUANT_METHOD
+from sambay.quant.int4 import QUANT_METHOD_INT4, Int4Format
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,15 +91,18 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | None 
     cfg = load_config(where / "config.json")
     if dtype is None:
         dtype = getattr(torch, str(cfg.torch_dtype), torch.float32)
-    quant = (cfg.extra.get("quantization_config") or {}).get("quant_method")
-    if quant not in (None, QUANT_METHOD):
+    qcfg = cfg.extra.get("quantization_config") or {}
+    quant = qcfg.get("quant_method")
+    if quant not in (None, QUANT_METHOD, QUANT_METHOD_INT4):
         raise SambayError(f"{where} is quantized with {quant!r}, which sambay cannot load; use the "
                           f"unquantized checkpoint (sambay quantizes it itself with --quantize int8)")
     if random_weights:
         model = build_model(cfg, dtype, init=True, seed=seed, fast_init=True)
     else:
         model = build_model(cfg, dtype, device="meta")
-        if quant:
+        if quant == QUANT_METHOD_INT4:  # the format and per-tensor policy are in quantization_config
+            int4_skeleton(model, Int4Format.parse(str(qcfg.get("format"))), list(qcfg.get("int8_layers", [])))
+        elif quant:
             int8_skeleton(model)
         _load_weights(model, where)
     model.generation_config = read_json(where / "generation_config.json", {})
@@ -166,7 +171,8 @@ def _load_weights(model: CausalLM, folder: Path) -> None:
             raise SambayError(f"tensor {name} in {file.name} has shape {list(t.shape)}, but config.json "
                               f"implies {list(want.shape)}; the config and the weights do not belong "
                               f"together")
-        if t.dtype != want.dtype and (t.dtype == torch.int8) != (want.dtype == torch.int8):
+        packed = (torch.int8, torch.uint8)
+        if t.dtype != want.dtype and (t.dtype in packed or want.dtype in packed):
             raise SambayError(f"tensor {name} in {file.name} is {t.dtype}, expected {want.dtype}; "
                               f"the config's quantization_config and the weights disagree")
         loaded[name] = t.to(want.dtype)
@@ -189,7 +195,7 @@ def save_model(model: CausalLM, folder: str | os.PathLike, max_shard_bytes: int 
     for name, t in model.state_dict().items():
         if name.startswith("lm_head.") and cfg.tie_word_embeddings and not quantized:
             continue  # the tied head is the embedding
-        if t.dtype == torch.int8 or name.endswith("weight_scale"):
+        if t.dtype in (torch.int8, torch.uint8) or name.endswith("weight_scale"):
             state[name] = t.detach().contiguous()
             continue
         keep32 = name.rsplit(".", 1)[-1] in FP32_PARAMS
@@ -218,7 +224,14 @@ def save_model(model: CausalLM, folder: str | os.PathLike, max_shard_bytes: int 
         atomic_write_text(folder / INDEX_FILE, json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     saved_cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    if quantized:
+    if quantized == "int4":
+        lin = next(m for m in model.modules() if isinstance(m, PackedLinear) and m.int4)
+        saved_cfg.extra = {**saved_cfg.extra, "quantization_config": {
+            "quant_method": QUANT_METHOD_INT4, "bits": 4, "format": int4_format_of(lin).name,
+            "scheme": "group-wise 4-bit, float16 scale (and min) per group, rows in blocks of 4 "
+                      "(sambay.quant.int4); dt_proj unquantized",
+            "int8_layers": int8_layer_names(model)}}
+    elif quantized:
         saved_cfg.extra = {**saved_cfg.extra, "quantization_config": {
             "quant_method": QUANT_METHOD, "bits": 8, "scheme": "symmetric per-output-row",
             "modules": "all linear layers except dt_proj, plus the output head (lm_head)"}}

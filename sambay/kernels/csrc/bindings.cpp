@@ -22,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &stream_read, "sum of a float32 buffer (bandwidth probe)");
   m.def("fast_paths", &fast_paths, "the low-precision paths of gemv in this build");
   m.def("gemv", &gemv, "y = x @ w.T * scale for small M (memory-bound decoding)");
+  m.def("gemv_q4", &gemv_q4, "y = x @ W.T + bias, W 4-bit in blocks of 4 rows (sambay.quant.int4)", py::arg("x"),
+        py::arg("packed"), py::arg("scales"), py::arg("bias"), py::arg("path") = "");
+  m.def("q4_paths", &q4_paths, "the 4-bit GEMV paths of this build, fastest first");
   m.def("decode_attention", &decode_attention, "one-query attention streaming K/V once");
   m.def("decode_diff_attention", &decode_diff_attention, "differential one-query attention: a1 - lam a2");
   m.def("ssm_step", &ssm_step, "Mamba decode step: state update and readout in one pass");

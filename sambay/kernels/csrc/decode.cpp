@@ -16,7 +16,10 @@
 
 namespace {
 
-at::Tensor linear(const Linear& l, const at::Tensor& x) { return gemv(x, l.weight, l.scale, 0, l.bias); }
+at::Tensor linear(const Linear& l, const at::Tensor& x) {
+  if (l.weight.scalar_type() == at::kByte) return gemv_q4(x, l.weight, l.scale, l.bias, "");  // 4-bit
+  return gemv(x, l.weight, l.scale, 0, l.bias);
+}
 
 }  // namespace
 

@@ -23,6 +23,10 @@
 // gemv.cpp: the memory-bound matrix products.
 at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t exact, at::Tensor bias);
 
+// gemv_q4.cpp: 4-bit weights (sambay.quant.int4's layout) x int8 activations; path "" = the fastest.
+at::Tensor gemv_q4(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Tensor bias, std::string path);
+std::vector<std::string> q4_paths();
+
 // attention.cpp: one query per row over the K/V cache.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid);
 at::Tensor decode_diff_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double lam);
@@ -48,8 +52,9 @@ void kv_write(at::Tensor kv, at::Tensor kc, at::Tensor vc, at::Tensor slot, bool
 // are a 0-element tensor where the layer has none.
 
 struct Linear {  // a PackedLinear: y = x @ weight.T * scale + bias
-  at::Tensor weight;  // (N, K) float32 / bfloat16 / int8, or int8 in 4-row tiles (gemv's layouts)
-  at::Tensor scale;   // (N,) float32, or empty
+  at::Tensor weight;  // (N, K) float32 / bfloat16 / int8, or int8 in 4-row tiles (gemv's layouts),
+                      // or uint8 4-bit blocks (gemv_q4's layout)
+  at::Tensor scale;   // (N,) float32, or empty; float16 group scales for 4-bit weights
   at::Tensor bias;    // (N,) float32, or empty
 };
 
