@@ -63,7 +63,7 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
                    "with --random-weights (default: the embedded model)")
     s.add_argument("--random-weights", action="store_true", help="random weights of the model's shape")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight dtype (default: the checkpoint's)")
-    s.add_argument("--quantize", choices=["int8"], help="quantize the weights after loading")
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights after loading")
     s.add_argument("--max-batch-size", type=int, metavar="N",
                    help="requests the server decodes together (its default: 8)")
     s.add_argument("--max-model-len", type=int, metavar="N", help="tokens per request, prompt + completion")
@@ -110,7 +110,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="phi4-mini-flash", help="preset to use when --model is not given")
     p.add_argument("--random-weights", action="store_true", help="random weights (no download needed)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every linear layer and the head")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8 (every linear layer and the head) or int4 (4-bit groups, head at int8)")
 
 
 def _comparison_flags(p: argparse.ArgumentParser) -> None:
@@ -118,7 +118,7 @@ def _comparison_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and state (default float32: batched matmuls on CPUs without bf16 "
                         "arithmetic are many times slower in bfloat16)")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every linear layer and the head")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8 (every linear layer and the head) or int4 (4-bit groups, head at int8)")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights for model folders too (presets always have them)")
     p.add_argument("--seed", type=int, default=0, help="random weights and prompt tokens")

@@ -49,7 +49,7 @@ def model_flags(p: argparse.ArgumentParser) -> None:
                    help="model folder, Hugging Face repo id or preset (default: the embedded model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="quantize the weights after loading")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the weights after loading")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of the model's shape (needed for a preset)")
 

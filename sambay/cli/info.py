@@ -14,6 +14,7 @@ import torch
 from sambay.errors import SambayError
 from sambay.kernels import native as kernels
 from sambay.kernels.prepare import quantization_of, quantize_model
+from sambay.quant.int4 import DEFAULT_FORMAT, Int4Format
 from sambay.models import preset
 from sambay.models.config import (ATTENTION, CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA,
                                   ModelConfig, Phi3Config, load_config)
@@ -116,7 +117,11 @@ def add_info(p: argparse.ArgumentParser) -> None:
 
 def add_quantize(q: argparse.ArgumentParser) -> None:
     q.description = ("Quantize every linear layer and the output head to int8 (one scale per output row) "
+                     "or int4 (4-bit groups; the layers of the per-tensor policy, e.g. the head, at int8) "
                      "and save a checkpoint that loads without re-quantizing.")
+    q.add_argument("--quantize", choices=["int8", "int4"], default="int8", help="the weight format (default int8)")
+    q.add_argument("--int4-format", default=None,
+                   help="int4 only: rtn-g32, sym-g32, asym-g32, asym-g64 ... (default: the measured best)")
     q.add_argument("--model", help="model folder or Hugging Face repo id (default: embedded model)")
     q.add_argument("--out", required=True, help="folder to write")
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -137,8 +142,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     model = load_model(where, dtype=getattr(torch, args.dtype))
     if quantization_of(model):
         raise SambayError(f"{where} is already quantized ({quantization_of(model)})")
-    print("quantizing every linear layer and the head to int8 ...", file=sys.stderr, flush=True)
-    quantize_model(model)
+    print(f"quantizing every linear layer and the head to {args.quantize} ...", file=sys.stderr, flush=True)
+    if args.int4_format and args.quantize != "int4":
+        raise SambayError("--int4-format needs --quantize int4")
+    quantize_model(model, args.quantize, Int4Format.parse(args.int4_format) if args.int4_format else DEFAULT_FORMAT)
     save_model(model, out)
     for f in where.iterdir():  # tokenizer and other side files travel with the weights
         if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens",

@@ -32,7 +32,7 @@ def load_for_inference(model: str | os.PathLike | None = None, *, dtype: torch.d
                        ) -> tuple[CausalLM, Tokenizer | None]:
     """Load `model` ready to decode: (model, tokenizer), the tokenizer None if not wanted.
 
-    dtype: the weights' dtype (default: the checkpoint's; float32 for a preset). quantize: "int8"
+    dtype: the weights' dtype (default: the checkpoint's; float32 for a preset). quantize: "int8", "int4"
     or None (keep the weights; an already quantized checkpoint stays as saved). A preset has no
     trained weights, so it needs random_weights=True. quiet: no loading lines on stderr.
     """
