@@ -19,10 +19,15 @@ from sambay.serve.state import ServerState
 
 class ScriptedModel:
     """Runs a real tiny model (so the decode state works as usual) but replaces its logits: after a
-    prompt it forces the tokens of `script(prompt_text)` one by one, then `end_id`. One row only."""
+    chat prompt (the call that feeds `<|assistant|>`: a prefix cache may have restored the rest) it
+    forces the tokens of `script(text fed in that call)` one by one, then `end_id`; text the prompt
+    already put after `<|assistant|>` (a forced reply prefix) counts as the script's start. A reply
+    that starts without a call (its prompt and first logits restored from the prefix cache) replays
+    the last script. One row only."""
 
     def __init__(self, inner, tokenizer, script, end_id: int):
         self.inner, self.tokenizer, self.script, self.end_id = inner, tokenizer, script, end_id
+        self.assistant_id = tokenizer.token_to_id("<|assistant|>")
         self._ids: list[int] = []
         self._k = 0
 
@@ -31,8 +36,13 @@ class ScriptedModel:
 
     def __call__(self, input_ids, state=None, **kw):
         out = self.inner(input_ids, state=state, **kw)
-        if input_ids.shape[1] > 1:  # a prompt (chat prompts are longer than one token)
-            self._ids, self._k = self.tokenizer.encode(self.script(self.tokenizer.decode(input_ids[0]))), 0
+        fed = input_ids[0].tolist()
+        if self.assistant_id in fed:
+            start = len(fed) - fed[::-1].index(self.assistant_id)
+            self._ids = self.tokenizer.encode(self.script(self.tokenizer.decode(fed)))
+            self._k = len(fed) - start
+        elif self._k >= len(self._ids):  # a new reply whose prompt and first logits came from a prefix cache
+            self._k = 1
         else:
             self._k += 1
         tok = self._ids[self._k] if self._k < len(self._ids) else self.end_id

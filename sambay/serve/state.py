@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Callable
 
 from sambay.errors import SambayError
 from sambay.runtime.engine import Engine, text_stop_ids
