@@ -21,8 +21,6 @@ from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
 from sambay.serve.reasoning import opens_thinking
 from sambay.serve.tools import reply_prefix, template_messages, tool_definitions
-from sambay.serve.reasoning import opens_thinking
-from sambay.serve.tools import reply_prefix, template_messages, tool_definitions
 from sambay.serve.structured import request_grammar
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -57,45 +55,10 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
-class FunctionCall(_Body):
-    name: str
-    arguments: str  # JSON text, as the OpenAI API sends it
-
-
-class ToolCall(_Body):
-    id: str
-    type: Literal["function"]
-    function: FunctionCall
-
-
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the history
-    tool_call_id: str | None = None  # a tool message: the call it answers
-    reasoning_content: str | None = None  # an earlier reply's thinking: accepted, left out of the prompt
-
-
-class FunctionDefinition(_Body):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Body):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(_Body):
-    name: str
-
-
-class NamedToolChoice(_Body):
-    type: Literal["function"]
-    function: NamedFunction
     tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the history
     tool_call_id: str | None = None  # a tool message: the call it answers
     reasoning_content: str | None = None  # an earlier reply's thinking: accepted, left out of the prompt
