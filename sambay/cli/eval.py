@@ -18,11 +18,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from sambay.cli.generate import load_model_flags, model_flags  # the same model flags as generate and chat
 from sambay.errors import SambayError
 from sambay.evals import math_eval, needle, phonebook, retrieval
+from sambay.evals import quant as quant_eval
+from sambay.runtime.checkpoint import load_model, resolve_model
+from sambay.tokenizer import load_tokenizer
 from sambay.evals.generation import engine_generate
 
 DEFAULT_LENGTHS = "512,1024,2048"
@@ -77,6 +81,20 @@ def add_eval(ev) -> None:
     model_flags(mt)
     mt.set_defaults(func=run_math)
 
+    qt = sub.add_parser("quant", help="what each weight format costs against the unquantized model",
+                        description="Per weight format (int8; int4 formats, RTN absmax g32 the baseline), "
+                                    "against the float32 model on held-out text: mean KL of the next-token "
+                                    "distributions, top-1 agreement, perplexity change.")
+    qt.add_argument("--model", default=None, help="model folder or repo id (default: the embedded model)")
+    qt.add_argument("--text", required=True, metavar="FILE", help="held-out UTF-8 text")
+    qt.add_argument("--formats", default=",".join(quant_eval.FORMATS), metavar="F,F,...",
+                    help="int8 or int4:<fmt>[:<layers kept int8, + separated; - for none>] "
+                         "(default: the measured set)")
+    qt.add_argument("--window", type=int, default=256, metavar="N", help="tokens per forward window (default 256)")
+    qt.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                    help="tokens of the text used (default 4096)")
+    qt.set_defaults(func=run_quant)
+
 
 def _retrieval_flags(p: argparse.ArgumentParser, samples: int, max_new_tokens: int) -> None:
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, metavar="N,N,...",
@@ -126,6 +144,29 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
             raise SambayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def run_quant(args: argparse.Namespace) -> int:
+    _positive(args, "window", "max_tokens")
+    where = resolve_model(args.model)
+    if isinstance(where, str):
+        raise SambayError(f"{where!r} is a preset without trained weights; quality needs a trained model folder")
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SambayError(f"cannot read --text {args.text}: {e.strerror}") from None
+    model = load_model(where, dtype=torch.float32)
+    ids = load_tokenizer(where).encode(text)
+    formats = [f for f in args.formats.split(",") if f]
+    for f in formats:
+        quant_eval.parse_format(f)  # a bad name fails before any work
+    with _progress(len(formats), "formats") as bar:
+        ppl, rows = quant_eval.evaluate(model, ids, formats, args.window, args.max_tokens,
+                                        progress=lambda _: bar.update(1))
+    print(quant_eval.table(ppl, rows))
+    print(json.dumps({"model": str(where), "tokens": min(len(ids), args.max_tokens) // args.window * args.window,
+                      "float_ppl": ppl, "formats": [asdict(r) for r in rows]}))
+    return 0
 
 
 def _load(args: argparse.Namespace):
