@@ -209,3 +209,24 @@ def test_chat_in_a_terminal_with_ctrl_c(folder):
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 100])
+def test_reply_printer_dims_or_hides_the_thinking(cut, capsys):
+    """chat / generate --chat: the thinking dimmed on a terminal, left out with --hide-reasoning, as
+    written into a pipe; the history keeps the answer only. The reply arrives in pieces of `cut`."""
+    from sambay.cli.generate import DIM, RESET, ReplyPrinter
+
+    reply = "<think>Let me add: 2 + 2 = 4.</think>\n\nThe answer is 4."
+    pieces = [reply[i:i + cut] for i in range(0, len(reply), cut)]
+    shown = {}
+    for name, hide, tty in (("terminal", False, True), ("hidden", True, True), ("pipe", False, False)):
+        printer = ReplyPrinter(hide, tty)
+        for piece in pieces:
+            printer.push(piece)
+        printer.close()
+        shown[name] = capsys.readouterr().out
+        assert "".join(printer.answer) == "The answer is 4."
+    assert shown["terminal"] == f"{DIM}Let me add: 2 + 2 = 4.{RESET}The answer is 4."
+    assert shown["hidden"] == "The answer is 4."
+    assert shown["pipe"] == reply

@@ -18,6 +18,7 @@ from sambay.errors import SambayError
 from sambay.runtime.engine import Engine
 from sambay.runtime.load import load_for_inference
 from sambay.runtime.sampling import SamplingParams, generation_defaults
+from sambay.serve.reasoning import CONTENT, REASONING, ReasoningParser, opens_thinking
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -30,6 +31,7 @@ def add_generate(gen: argparse.ArgumentParser) -> None:
                      help="wrap the prompt as a user message in the model's chat template")
     model_flags(gen)
     _sampling_flags(gen)
+    _reasoning_flags(gen)
     gen.set_defaults(func=run_generate)
 
 
@@ -40,6 +42,7 @@ def add_chat(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("--system", default=None, metavar="TEXT", help="a system message to start with")
     model_flags(chat)
     _sampling_flags(chat)
+    _reasoning_flags(chat)
     chat.set_defaults(func=run_chat)
 
 
@@ -52,6 +55,12 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the weights after loading")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of the model's shape (needed for a preset)")
+
+
+def _reasoning_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hide-reasoning", action="store_true",
+                   help="leave a reasoning model's thinking (<think> ... </think>) out of the reply "
+                        "(shown dimmed on a terminal otherwise; with generate, only with --chat)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -107,6 +116,54 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+class ReplyPrinter:
+    """Writes a chat reply as it streams. A reasoning model's thinking (<think> ... </think>, see
+    sambay.serve.reasoning) is shown dimmed on a terminal and left out with --hide-reasoning; into a
+    pipe the reply goes as the model wrote it, tags included. `answer` is the reply without its
+    thinking, which is what the chat history keeps."""
+
+    def __init__(self, hide: bool, tty: bool, open_at_start: bool = False):
+        self.parser = ReasoningParser(open_at_start)
+        self.hide, self.tty, self.dim = hide, tty, False
+        self.answer: list[str] = []
+
+    def push(self, piece: str) -> None:
+        parts = self.parser.push(piece)
+        if not self.hide and not self.tty:
+            _write(piece)
+            self.answer += [text for field, text in parts if field == CONTENT]
+            return
+        self._show(parts)
+
+    def close(self) -> None:
+        parts = self.parser.flush()
+        if not self.hide and not self.tty:
+            self.answer += [text for field, text in parts if field == CONTENT]
+        else:
+            self._show(parts)
+        if self.dim:
+            _write(RESET)
+            self.dim = False
+
+    def _show(self, parts: list[tuple[str, str]]) -> None:
+        for field, text in parts:
+            if field == REASONING:
+                if self.hide:
+                    continue
+                if not self.dim:
+                    _write(DIM)
+                    self.dim = True
+            else:
+                self.answer.append(text)
+                if self.dim:
+                    _write(RESET)
+                    self.dim = False
+            _write(text)
+
+
 def _safe_stdout() -> None:
     # A reply can hold any character; a pipe with a narrow locale must not crash the command.
     reconfigure = getattr(sys.stdout, "reconfigure", None)
@@ -124,11 +181,14 @@ def run_generate(args: argparse.Namespace) -> int:
                                                add_generation_prompt=True)
     _safe_stdout()
     stream = Engine(model, tokenizer).stream_text(prompt, params)
+    printer = ReplyPrinter(args.hide_reasoning, sys.stdout.isatty(), opens_thinking(prompt)) if args.chat else None
     try:
         for piece in stream:
-            _write(piece)
+            printer.push(piece) if printer else _write(piece)
     finally:
         stream.close()
+        if printer:
+            printer.close()
         _write("\n")
     print(stream.stats.summary(), file=sys.stderr, flush=True)
     return 0
@@ -168,10 +228,11 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         stream = None
+        printer = ReplyPrinter(args.hide_reasoning, sys.stdout.isatty(), opens_thinking(prompt))
         try:
             stream = engine.stream_text(prompt, params)  # prefills the whole conversation
             for piece in stream:
-                _write(piece)
+                printer.push(piece)
         except SambayError as e:  # e.g. the conversation outgrew the context: keep the program alive
             history.pop()
             print(f"sambay: error: {e}; /reset starts a new conversation", file=sys.stderr, flush=True)
@@ -183,9 +244,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 history.pop()
                 continue
             stream.close()
+            printer.close()
             _write("\n")
             print("(reply stopped)", file=sys.stderr, flush=True)
         else:
+            printer.close()
             _write("\n")
         print(stream.stats.summary(), file=sys.stderr, flush=True)  # as generate's last line, per reply
-        history.append({"role": "assistant", "content": stream.text})
+        history.append({"role": "assistant", "content": "".join(printer.answer)})  # the thinking is not kept
