@@ -145,8 +145,9 @@ def check_int4(packed: torch.Tensor, scales: torch.Tensor) -> None:
                           f"{None if scales is None else (tuple(scales.shape), scales.dtype)}; re-run sambay quantize")
 
 
-def quantize_int4(w: torch.Tensor, fmt: Int4Format = DEFAULT_FORMAT, rows_per_chunk: int = 4096):
-    """(N, K) float -> (packed, scales) in the stored layout. Chunked by rows (bounded memory)."""
+def quantize_int4(w: torch.Tensor, fmt: Int4Format = DEFAULT_FORMAT, rows_per_chunk: int = 256):
+    """(N, K) float -> (packed, scales) in the stored layout. Chunked by rows: the scale search holds
+    a few float32 copies of a chunk per candidate, which for whole large layers ran out of memory."""
     parts = [pack_int4(*quantize_int4_rows(w[r:r + rows_per_chunk], fmt), fmt.asym)
              for r in range(0, w.shape[0], rows_per_chunk)]
     return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
