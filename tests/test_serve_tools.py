@@ -8,14 +8,23 @@ import openai
 import pytest
 
 import sambay
-from sambay.serve.tools import ToolCallParser, parse_calls, template_messages, tool_definitions
+from sambay.serve.tools import (CALL_OPEN, ToolCallParser, call_schema, forced_call_schema, parse_calls,
+                                reply_prefix, template_messages, tool_definitions)
 from scripted import InProcessServer, scripted_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Rome"]}},
+              "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": PARAMETERS}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                           "parameters": {"type": "object", "properties": {}}}}]
 CALL = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
+# What the forcing grammar writes (compact JSON): the scripted reply for a forced call that is right.
+COMPACT_CALL = '<|tool_call|>[{"name":"get_weather","arguments":{"city":"Paris"}}]<|/tool_call|>'
+# A call the grammar of a forced get_weather cannot let through: a city outside the enum, an extra key.
+WRONG_CALL = '<|tool_call|>[{"name":"get_weather","arguments":{"city":"Lyon","unit":"C"}}]<|/tool_call|>'
 
 
 def test_parse_calls_and_the_streaming_parser_agree_piece_by_piece():
@@ -51,6 +60,10 @@ def reply_for(prompt: str) -> str:
         return "It is 18 C in Paris."
     if "please fail" in prompt:
         return "<|tool_call|>[{broken<|/tool_call|>"
+    if "compact" in prompt:
+        return COMPACT_CALL
+    if "wrong" in prompt:
+        return WRONG_CALL
     return CALL
 
 
@@ -94,3 +107,57 @@ def test_a_malformed_call_is_text_and_a_named_choice_must_exist(client):
     with pytest.raises(openai.BadRequestError, match="not among"):
         client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}], tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_a_forced_call_follows_the_script_when_it_is_valid_and_is_answered(client):
+    messages = [{"role": "user", "content": "compact: weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, tool_choice=choice,
+                                           temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls", (choice, r)
+        (call,) = r.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    history = messages + [r.choices[0].message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+    r2 = client.chat.completions.create(model="scripted", messages=history, tools=TOOLS, temperature=0)
+    assert r2.choices[0].message.content == "It is 18 C in Paris."
+
+
+def test_a_forced_call_constrains_the_arguments_to_the_parameters(client):
+    messages = [{"role": "user", "content": "wrong: weather?"}]
+    free = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, temperature=0)
+    (call,) = free.choices[0].message.tool_calls  # unforced, the script's call goes out as written
+    assert json.loads(call.function.arguments) == {"city": "Lyon", "unit": "C"}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        r = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, tool_choice=named,
+                                           temperature=0, stream=stream)
+        if stream:
+            chunks = list(r)
+            calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+        assert finish == "tool_calls" and len(calls) == 1
+        assert calls[0].function.name == "get_weather"
+        args = json.loads(calls[0].function.arguments)
+        assert set(args) == {"city"} and args["city"] in PARAMETERS["properties"]["city"]["enum"], args
+    r = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        assert json.loads(call.function.arguments)["city"] in PARAMETERS["properties"]["city"]["enum"]
+
+
+def test_forced_call_schema():
+    named = forced_call_schema(TOOLS, {"type": "function", "function": {"name": "get_time"}})
+    assert named == {"type": "array", "items": call_schema("get_time", {"type": "object", "properties": {}}),
+                     "minItems": 1, "maxItems": 1}
+    required = forced_call_schema(TOOLS, "required")
+    assert [c["properties"]["name"] for c in required["items"]["anyOf"]] == [{"const": "get_weather"},
+                                                                          {"const": "get_time"}]
+    assert "maxItems" not in required and forced_call_schema(TOOLS, "required", parallel=False)["maxItems"] == 1
+    assert forced_call_schema(TOOLS, "auto") is None and forced_call_schema([], "required") is None
+    assert reply_prefix("required") == reply_prefix({"type": "function", "function": {"name": "f"}}) == CALL_OPEN
+    assert reply_prefix("auto") == ""

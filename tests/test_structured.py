@@ -154,6 +154,15 @@ def test_request_fields_and_errors(info):
         params({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "nonsense"}}})
     with pytest.raises(APIError):
         params({"type": "yaml"})
+    tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+            "response_format": {"type": "json_object"}}
+    for choice, forced in (("auto", None), ("required", "required"), ({"type": "function", "function": {"name": "f"}}, "f")):
+        grammar = sampling_params(parse_request(ChatCompletionRequest, {**body, "tool_choice": choice}), 3, info).grammar
+        assert grammar.description == (f"tool call {forced}" if forced else "json_object")  # a forced call wins
+    with pytest.raises(APIError, match="schema"):
+        sampling_params(parse_request(ChatCompletionRequest, {**body, "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}), 3, info)
 
 
 def test_tool_call_grammar_forces_name_and_arguments(tokenizer, info):
@@ -207,3 +216,39 @@ def test_default_model_json_schema_with_the_openai_client(client):
     with pytest.raises(openai.BadRequestError, match="schema"):
         client.chat.completions.create(model=name, messages=messages, max_tokens=5, response_format={
             "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}})
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Rome"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time in a zone", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+@pytest.mark.slow
+def test_default_model_tools_with_the_openai_client(client):
+    name = client.models.list().data[0].id
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    messages = [{"role": "user", "content": "What is the weather in Oslo this week?"}]
+    r = client.chat.completions.create(model=name, messages=messages, tools=tools, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")  # noise, but an answer, never a 500
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, seed in (("required", 0), (named, 1), (named, 2)):
+        r = client.chat.completions.create(model=name, messages=messages, tools=tools, tool_choice=choice,
+                                           parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        (call,) = r.choices[0].message.tool_calls
+        assert choice == "required" or call.function.name == "get_weather"
+        validate(json.loads(call.function.arguments), schemas[call.function.name])
+    stream = client.chat.completions.create(model=name, messages=messages, tools=tools, tool_choice=named,
+                                            max_tokens=200, temperature=0, stream=True)
+    chunks = list(stream)
+    (streamed,) = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    validate(json.loads(streamed.function.arguments), schemas["get_weather"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 18 C all week."}]
+    r2 = client.chat.completions.create(model=name, messages=messages, tools=tools, max_tokens=30, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length") and isinstance(r2.choices[0].message.content, str)

@@ -21,7 +21,7 @@ from sambay.errors import SambayError
 from sambay.runtime.sampling import SamplingParams
 from sambay.serve.reasoning import opens_thinking
 from sambay.serve.tools import reply_prefix, template_messages, tool_definitions
-from sambay.serve.structured import request_grammar
+from sambay.serve.structured import forced_call_grammar, request_grammar
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
@@ -317,7 +317,15 @@ def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> Sampli
 
 
 def _response_grammar(req: ChatCompletionRequest, info: ModelInfo) -> Any:
-    """The grammar of the request's response_format (None: free text); compiled once per schema."""
+    """The grammar of the request's response_format (None: free text); compiled once per schema.
+    A tool_choice that forces a call takes precedence: its grammar is the call's JSON."""
+    try:
+        forced = forced_call_grammar(info, [t.model_dump() for t in req.tools or []], _tool_choice(req),
+                                     req.parallel_tool_calls is not False)
+    except SambayError as e:
+        raise APIError(400, str(e), param="tools") from None
+    if forced is not None:
+        return forced
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise APIError(400, "response_format of type json_schema needs \"json_schema\": {\"name\": ..., "

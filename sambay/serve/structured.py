@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from sambay.errors import SambayError
+from sambay.serve.tools import call_schema, forced_call_schema, strict_tools
 
 try:  # optional: the `serve` extra installs it; without it response_format is refused clearly
     import xgrammar
@@ -145,19 +146,22 @@ class Grammars:
 
 
 def tool_call_grammar(info, name: str, parameters: dict | None, strict: bool = True) -> Grammar:
-    """For a tool_choice that forces function `name`: the JSON of one call, {"name": name,
-    "arguments": {...valid against parameters...}}, as Phi-4's template writes inside
-    <|tool_call|>[...]<|/tool_call|>. The tools layer forces the tags around it (special tokens,
-    which the grammar's byte-level text does not hold) and parses the result as any tool call."""
-    schema = {"type": "object", "properties": {"name": {"const": name},
-                                               "arguments": parameters or ANY_OBJECT},
-              "required": ["name", "arguments"], "additionalProperties": False}
-    return Grammars.of(info).json_schema(schema, strict=strict, description=f"tool call {name}")
+    """The JSON of one call of function `name`, {"name": name, "arguments": {...valid against
+    parameters...}}, as Phi-4's template writes inside <|tool_call|>[...]<|/tool_call|>."""
+    return Grammars.of(info).json_schema(call_schema(name, parameters), strict=strict,
+                                         description=f"tool call {name}")
 
 
-def tool_arguments_grammar(info, parameters: dict | None, strict: bool = True) -> Grammar:
-    """Only a forced function's arguments object, valid against its `parameters` schema."""
-    return Grammars.of(info).json_schema(parameters or ANY_OBJECT, strict=strict, description="tool arguments")
+def forced_call_grammar(info, tools: list[dict], choice: Any, parallel: bool = True) -> Grammar | None:
+    """For a tool_choice that forces a call ("required" or a named function): the call list that
+    follows `<|tool_call|>` (sambay/serve/tools.py forces that tag: a special token, which the
+    grammar's byte-level text does not hold), each call's arguments valid against its function's
+    parameters; the reply is then parsed as any tool call. None when nothing is forced."""
+    schema = forced_call_schema(tools, choice, parallel)
+    if schema is None:
+        return None
+    name = choice["function"]["name"] if isinstance(choice, dict) else "required"
+    return Grammars.of(info).json_schema(schema, strict=strict_tools(tools), description=f"tool call {name}")
 
 
 def request_grammar(response_format: Any, info) -> Grammar | None:

@@ -8,9 +8,11 @@ result goes back as a `tool` message, rendered as the `<|tool_response|>` turn (
 token for it), and an assistant message's own `tool_calls` are written back in the call format.
 
 tool_choice: "none" leaves the tools out of the prompt; "auto" (the default with tools) lets the
-model choose; "required" starts the reply with `<|tool_call|>` and a named function with the
-call's opening up to its arguments (`prefix`), written into the prompt so the model continues
-from there. `ToolCallParser` holds the text from `<|tool_call|>` back until the call is complete
+model choose; "required" and a named function start the reply with `<|tool_call|>` (`prefix`,
+written into the prompt so the model continues from there) and constrain the rest with the JSON
+schema of the calls it may make (`forced_call_schema`: the function's name and arguments valid
+against its `parameters`), which sambay/serve/structured.py turns into the request's grammar;
+the grammar lets the reply end as soon as the call list is complete. `ToolCallParser` holds the text from `<|tool_call|>` back until the call is complete
 and turns it into OpenAI tool_calls; a call that is not valid JSON of that shape goes out as the
 text it was, never as an error.
 """
@@ -39,13 +41,44 @@ def tool_definitions(tools: list[dict], choice: Any) -> str | None:
     return json.dumps(defs, ensure_ascii=False)
 
 
+def forces_call(choice: Any) -> bool:
+    """Whether the tool_choice makes the reply a call ("required" or a named function)."""
+    return choice == "required" or isinstance(choice, dict)
+
+
 def reply_prefix(choice: Any) -> str:
-    """The text the reply is made to start with: the opening of a call the tool_choice requires."""
-    if choice == "required":
-        return CALL_OPEN
+    """The text the reply is made to start with: the opening of a call the tool_choice requires
+    (its JSON is left to the model under the grammar of `forced_call_schema`)."""
+    return CALL_OPEN if forces_call(choice) else ""
+
+
+def call_schema(name: str, parameters: dict | None) -> dict:
+    """JSON Schema of one call of function `name` as the template writes it: {"name": name,
+    "arguments": {...valid against parameters...}}."""
+    return {"type": "object", "properties": {"name": {"const": name},
+                                             "arguments": parameters or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def forced_call_schema(tools: list[dict], choice: Any, parallel: bool = True) -> dict | None:
+    """JSON Schema of what follows `<|tool_call|>` when the tool_choice forces a call: a list of
+    one call of the named function, or of one or more (one if not `parallel`) calls of any
+    offered function; None when the choice forces nothing."""
+    if not tools or not forces_call(choice):
+        return None
     if isinstance(choice, dict):
-        return f'{CALL_OPEN}[{{"name": {json.dumps(choice["function"]["name"])}, "arguments": '
-    return ""
+        tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+    calls = [call_schema(t["function"]["name"], t["function"].get("parameters")) for t in tools]
+    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    if isinstance(choice, dict) or not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def strict_tools(tools: list[dict]) -> bool:
+    """OpenAI's function `strict`: arguments with no properties beyond those the parameters list.
+    A forced call is strict unless a function says "strict": false."""
+    return all(t["function"].get("strict") is not False for t in tools)
 
 
 def _call_text(calls: list[dict]) -> str:
