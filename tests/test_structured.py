@@ -4,7 +4,8 @@ In-process, a scripted stand-in model whose logits always prefer one known text 
 does: the grammar keeps the JSON the script starts and cuts the garbage after it, and a row without
 a grammar in the same batch decodes exactly as it would alone. End to end, the embedded default
 model (whose text is noise) is served and asked with the official openai client: only the grammar
-can make its reply JSON that validates against the schema.
+can make its reply JSON that validates against the schema, and only the grammar of a forced
+tool_choice can make its call one with valid arguments; its reasoning fields are checked there too.
 """
 
 import json
@@ -252,3 +253,21 @@ def test_default_model_tools_with_the_openai_client(client):
                  {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 18 C all week."}]
     r2 = client.chat.completions.create(model=name, messages=messages, tools=tools, max_tokens=30, temperature=0)
     assert r2.choices[0].finish_reason in ("stop", "length") and isinstance(r2.choices[0].message.content, str)
+
+
+@pytest.mark.slow
+def test_default_model_reasoning_fields_with_the_openai_client(client):
+    """The default model does not think, so its reply is all answer: reasoning_content null, the
+    streamed deltas (content only) the same text as the whole reply, no reasoning tokens in usage."""
+    name = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    r = client.chat.completions.create(model=name, messages=messages, max_tokens=40, temperature=0)
+    message = r.choices[0].message
+    assert message.content and message.reasoning_content is None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    chunks = list(client.chat.completions.create(model=name, messages=messages, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(getattr(d, "reasoning_content", None) for d in deltas)
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 0
