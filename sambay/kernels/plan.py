@@ -1,4 +1,4 @@
-"""The decode plan: a prepared SambaY model's decode step as native calls, built from outside.
+"""The decode plan: a prepared model's decode step as native calls, built from outside.
 
 The model's modules are the reference; this walks them once per decode state's rows and collects,
 per layer, what the native blocks read (norms, packed weights, state tensors, constants such as
@@ -10,7 +10,10 @@ call for the whole layer stack (`run`, csrc decode_layers) or one per block from
 The records are the native library's typed classes (csrc/kernels.h), built here by field name: a
 LayerRecord per layer (its two norms, the MLP's linear layers and a MambaLayer, GmuLayer or
 AttentionLayer mixer), from which the library builds its DecodePlan once; per step only the KeySets
-are new.
+are new. One builder per family: SambaY's layers (LayerNorms, Mamba / GMU / differential attention)
+and the Phi3 baseline's (RMSNorms, GQA self-attention with RoPE, whose cos/sin at each row's position
+the key sets carry, computed per step by the model's own RotaryEmbedding), so both architectures
+decode through the same blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from sambay.kernels.linear import GEMV_MAX_ROWS, PackedLinear
 from sambay.kernels.native import EMPTY
 from sambay.models.attention import KVAttention
 from sambay.models.config import CROSS_ATTENTION, GMU, KV_ATTENTION, MAMBA, MEMORY_MAMBA, SWA
+from sambay.models.phi3 import Phi3
+from sambay.models.sambay import SambaY
 from sambay.models.state import Positions
 from sambay.ops import grouped_keys
 
@@ -50,17 +55,37 @@ def _norm(lib, ln: nn.Module):
     return lib.Norm(weight=ln.weight, bias=ln.bias, eps=ln.eps)
 
 
+def _rms_norm(lib, ln: nn.Module):
+    """Phi3's RMSNorm (normalize in float32, then scale: its input is float32 in a packed model)."""
+    return lib.Norm(weight=ln.weight, bias=None, eps=ln.eps, rms=True)
+
+
+def rope_tables(rope: tuple, at: Positions):
+    """cos, sin (B, rotary_dim) float32 of this step's positions, made once per step by the model's
+    RotaryEmbedding in the model's dtype, as its forward rotates q and k (so the same values)."""
+    if "rope rows" not in at.memo:
+        emb, dtype = rope
+        cos, sin = emb(at.pos, dtype)  # (B, 1, r)
+        B = at.pos.shape[0]
+        at.memo["rope rows"] = (cos.reshape(B, -1).float(), sin.reshape(B, -1).float())
+    return at.memo["rope rows"]
+
+
 class KeySource:
     """Where the keys one or more attention layers read this step come from: one of those layers,
     which recomputes them once per step (the ring slot to write, the mask (B, S) and, for caches
     whose view grows, the grouped keys and values) as the library's KeySet."""
 
-    def __init__(self, attn: KVAttention, layer: int, moving: bool):
+    def __init__(self, attn: KVAttention, layer: int, moving: bool, rope: tuple | None = None):
         self.attn, self.layer, self.moving = attn, layer, moving
+        self.rope = rope  # (RotaryEmbedding, dtype) of a Phi3 model: the key set carries cos/sin
 
     def key_set(self, lib, at: Positions, grouped: list):
         _, _, slot, k_all, v, mask, _ = attention_keys(self.attn, at, self.layer, None, grouped)
-        return None if k_all is None else lib.KeySet(slot=slot, valid=mask, keys=k_all, values=v)
+        if k_all is None:
+            return None
+        cos, sin = (None, None) if self.rope is None else rope_tables(self.rope, at)
+        return lib.KeySet(slot=slot, valid=mask, keys=k_all, values=v, cos=cos, sin=sin)
 
 
 def attention_keys(m: KVAttention, at: Positions, layer: int, shared_kv, grouped: list):
@@ -107,6 +132,7 @@ class DecodePlan:
         self.key_sources: list[KeySource] = []  # AttentionLayer.key_set indexes these
         self.grouped: list = []  # (cache, grouped view) of the ring buffers
         self.linears: list[tuple[dict, str, PackedLinear, torch.Tensor]] = []
+        self._sets: dict = {}  # (mask id, key view id if it moves) -> index in key_sources
 
     def current(self, model) -> bool:
         """Whether every packed linear layer and its weight are still those the plan was built with."""
@@ -114,43 +140,79 @@ class DecodePlan:
 
     @classmethod
     def build(cls, lib, model, at: Positions, rows: int) -> DecodePlan | None:
-        """The plan of `model` (a SambaY) for a step of `rows` rows on at.state, or None when some
-        layer cannot run as a native block (the layers then run one by one)."""
-        if rows > GEMV_MAX_ROWS or not hasattr(model.model, "final_layernorm"):
+        """The plan of `model` (a SambaY or a Phi3) for a step of `rows` rows on at.state, or None when
+        some layer cannot run as a native block (the layers then run one by one)."""
+        family = cls._phi3_layers if isinstance(model, Phi3) else cls._sambay_layers if isinstance(model, SambaY) else None
+        if rows > GEMV_MAX_ROWS or family is None or any(layer.training for layer in model.model.layers):
             return None
-        plan, sets, shared = cls(lib), {}, None
+        plan = cls(lib)
         plan.linears = [(parent._modules, name, lin, lin._buffers["weight"]) for parent in model.modules()
                         for name, lin in parent._modules.items() if isinstance(lin, PackedLinear)]
+        layers = family(plan, model, at)
+        if layers is None:
+            return None
+        plan.layers = layers
+        plan.native = lib.DecodePlan(plan.layers)
+        return plan
+
+    def _sambay_layers(self, model, at: Positions) -> list | None:
+        """SambaY's LayerRecords: LayerNorms, fc1/fc2, and a Mamba, GMU or attention mixer."""
+        lib, shared, out = self.lib, None, []
         for layer in model.model.layers:
             ln1, ln2, m, i = layer.input_layernorm, layer.post_attention_layernorm, layer.attn, layer.index
             mlp = _linears(lib, layer.mlp.fc1, layer.mlp.fc2)
-            if mlp is None or layer.training or ln1.weight.dtype != torch.float32:
+            if mlp is None or ln1.weight.dtype != torch.float32:
                 return None
             if layer.kind in MAMBA_KINDS:
-                mixer = plan._mamba(m, at, i, memory=layer.kind == MEMORY_MAMBA)
+                mixer = self._mamba(m, at, i, memory=layer.kind == MEMORY_MAMBA)
             elif layer.kind == GMU:
                 lins = _linears(lib, m.in_proj, m.out_proj)
                 mixer = None if lins is None else lib.GmuLayer(in_proj=lins[0], out_proj=lins[1])
             elif layer.kind in ATTENTION_KINDS:
-                blk = plan._attention(m, at, i, shared)
+                blk = self._attention(m, at, i, shared, _linears(lib, m.Wqkv, m.out_proj))
                 if blk is None:
                     return None
                 fields, (mask, k_all), shared, moving = blk
-                ident = (id(mask), id(k_all) if moving else None)  # the key set: its mask and, if it moves, keys
-                if ident not in sets:
-                    if m.cross:  # its keys come from the layer that wrote them, which must come first
-                        return None
-                    sets[ident] = len(plan.key_sources)
-                    plan.key_sources.append(KeySource(m, i, moving))
-                mixer = lib.AttentionLayer(**fields, key_set=sets[ident])
+                key_set = self._key_set(m, i, mask, k_all, moving)
+                mixer = None if key_set is None else lib.AttentionLayer(**fields, key_set=key_set)
             else:
                 return None
             if mixer is None:
                 return None
-            plan.layers.append(lib.LayerRecord(input_norm=_norm(lib, ln1), post_norm=_norm(lib, ln2), fc1=mlp[0],
-                                               fc2=mlp[1], mixer=mixer))
-        plan.native = lib.DecodePlan(plan.layers)
-        return plan
+            out.append(lib.LayerRecord(input_norm=_norm(lib, ln1), post_norm=_norm(lib, ln2), fc1=mlp[0],
+                                       fc2=mlp[1], mixer=mixer))
+        return out
+
+    def _phi3_layers(self, model, at: Positions) -> list | None:
+        """Phi3's LayerRecords: RMSNorms, gate_up_proj/down_proj (the same SwiGLU block as SambaY's
+        fc1/fc2), and GQA self-attention rotating q and k by the key set's cos/sin."""
+        lib, out = self.lib, []
+        rope = (model.model.rotary_emb, model.dtype)  # the dtype its forward makes the tables in
+        for layer in model.model.layers:
+            ln1, ln2, m, i = layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.index
+            mlp = _linears(lib, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            if mlp is None or ln1.weight.dtype != torch.float32 or ln2.weight.dtype != torch.float32:
+                return None
+            blk = self._attention(m, at, i, None, _linears(lib, m.qkv_proj, m.o_proj))
+            if blk is None:
+                return None
+            fields, (mask, k_all), _, moving = blk
+            key_set = self._key_set(m, i, mask, k_all, moving, rope)
+            mixer = lib.AttentionLayer(**fields, key_set=key_set, rotary_dim=model.model.rotary_emb.dim)
+            out.append(lib.LayerRecord(input_norm=_rms_norm(lib, ln1), post_norm=_rms_norm(lib, ln2), fc1=mlp[0],
+                                       fc2=mlp[1], mixer=mixer))
+        return out
+
+    def _key_set(self, m, layer: int, mask, k_all, moving: bool, rope: tuple | None = None) -> int | None:
+        """The index of the key set an attention layer reads (its mask and, if its keys move, the key
+        view identify it), registered on first use; None for a cross-attention layer coming first."""
+        ident = (id(mask), id(k_all) if moving else None)
+        if ident not in self._sets:
+            if m.cross:  # its keys come from the layer that wrote them, which must come first
+                return None
+            self._sets[ident] = len(self.key_sources)
+            self.key_sources.append(KeySource(m, layer, moving, rope))
+        return self._sets[ident]
 
     def _mamba(self, m, at: Positions, layer: int, memory: bool):
         """The MambaLayer record of a Mamba mixer, or None where the native block cannot run it."""
@@ -167,11 +229,11 @@ class DecodePlan:
             A=-torch.exp(m.A_log.float()),  # the same matrix at every step
             D=m.D, ssm_state=state.ssm[layer], out_proj=out_proj, memory=memory)
 
-    def _attention(self, m, at: Positions, layer: int, shared_kv):
+    def _attention(self, m, at: Positions, layer: int, shared_kv, lins: list | None):
         """(the AttentionLayer record's fields but its key set, the (mask, key view) that identify the
-        key set, the K/V the next layers share, whether its key view moves) of an attention layer, or
-        None where the native block cannot run it."""
-        lins = _linears(self.lib, m.Wqkv, m.out_proj)
+        key set, the K/V the next layers share, whether its key view moves) of an attention layer
+        whose qkv and output projections' records are `lins`, or None where the native block cannot
+        run it."""
         p = m.inner_cross_attn if m.diff else None
         if lins is None or (p is not None and p.subln.weight.dtype != torch.float32):
             return None
@@ -211,7 +273,7 @@ class DecodePlan:
             return None
         lib, memory = self.lib, None
         for layer in self.layers:
-            x = lib.add_layer_norm(h, EMPTY, layer.input_norm.weight, layer.input_norm.bias, layer.input_norm.eps)[1]
+            x = lib.norm_step(h, EMPTY, layer.input_norm)[1]
             mixer = layer.mixer
             if isinstance(mixer, lib.MambaLayer):
                 mixed, y = lib.mamba_step(x, mixer)

@@ -170,6 +170,10 @@ class Phi3(CausalLM):
         return bool(rope.factors) and prompt_len > rope.original_max
 
     def _body(self, h, at: Positions, keep: int, hidden: list | None) -> torch.Tensor:
+        if h.shape[1] == 1 and hidden is None and at.state is not None:  # a decode step: the ops may run it whole
+            done = at.ops.decode_step(self, h, at)
+            if done is not None:
+                return self.model.norm(done.to(self.model.norm.weight.dtype))
         rope = self.model.rotary_emb(at.pos, self.dtype)
         for layer in self.model.layers:
             h = layer(h, at, rope)

@@ -23,9 +23,15 @@ at::Tensor linear(const Linear& l, const at::Tensor& x) {
 
 }  // namespace
 
-// h + delta -> layer norm -> fc1 -> silu(gate) * up -> fc2, added to h + delta. h, delta (B, d).
+// {h + delta, norm(h + delta)}: a LayerNorm (SambaY) or an RMSNorm (Phi3). delta may be empty.
+std::vector<at::Tensor> norm_step(at::Tensor h, at::Tensor delta, const Norm& norm) {
+  if (norm.rms) return add_rms_norm(h, delta, norm.weight, norm.eps);
+  return add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps);
+}
+
+// h + delta -> norm -> fc1 -> silu(gate) * up -> fc2, added to h + delta. h, delta (B, d).
 at::Tensor mlp_step(at::Tensor h, at::Tensor delta, const Norm& norm, const Linear& fc1, const Linear& fc2) {
-  auto hx = add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps);
+  auto hx = norm_step(h, delta, norm);
   const auto gu = linear(fc1, hx[1]);
   const int64_t n = gu.size(1) / 2;
   const auto y = linear(fc2, silu_mul(gu.narrow(1, 0, n), gu.narrow(1, n, n)));
@@ -64,7 +70,8 @@ std::vector<at::Tensor> mamba_step(at::Tensor x, const MambaLayer& m) {
 // the layer's own (a ring buffer's view, made once) or else the key set's. Differential attention
 // (G = 2, subln_weight given): query head 2i + G' belongs to group G' (as the model's attention splits
 // them); decode_diff_attention gives a1 - lam a2, which diff_combine normalizes. Plain (G = 1): the
-// heads' outputs side by side.
+// heads' outputs side by side. rotary_dim > 0 (Phi3): the query heads and the new keys are rotated
+// by the key set's cos/sin (each row's position) before the keys are written.
 at::Tensor attention_step(at::Tensor x, const AttentionLayer& a, const KeySet& keys) {
   const bool diff = a.subln_weight.numel() > 0, own = a.keys.numel() > 0, writes = a.k_cache.numel() > 0;
   const auto& k = own ? a.keys : keys.keys;
@@ -74,6 +81,11 @@ at::Tensor attention_step(at::Tensor x, const AttentionLayer& a, const KeySet& k
   TORCH_CHECK(H % (G * Hk) == 0, "attention_step: query heads must divide among the key heads");
   const int64_t g = H / (G * Hk);
   const auto qkv = linear(a.qkv_proj, x);
+  if (a.rotary_dim > 0) {
+    TORCH_CHECK(!diff && keys.cos.dim() == 2 && keys.cos.size(1) == a.rotary_dim,
+                "attention_step: a rotary layer needs its key set's cos/sin (B, rotary_dim)");
+    rope_rows(qkv, H + (writes ? Hk : 0), dk, keys.cos, keys.sin);  // q heads, then the new key heads
+  }
   if (writes) kv_write(qkv.narrow(1, H * dk, qkv.size(1) - H * dk), a.k_cache, a.v_cache, keys.slot, diff);
   auto q = qkv.narrow(1, 0, H * dk);
   q = diff ? q.view({B, H / 2, 2, dk}).permute({0, 2, 1, 3}).reshape({B, 2, Hk, g, dk})
@@ -104,7 +116,7 @@ at::Tensor DecodePlan::run(at::Tensor h, const std::vector<KeySet>& key_sets) co
   at::Tensor memory;
   const auto empty = h.new_empty({0});
   for (const auto& layer : layers_) {
-    const auto x = add_layer_norm(h, empty, layer.input_norm.weight, layer.input_norm.bias, layer.input_norm.eps)[1];
+    const auto x = norm_step(h, empty, layer.input_norm)[1];
     at::Tensor mixed;
     if (const auto* m = std::get_if<MambaLayer>(&layer.mixer)) {
       auto r = mamba_step(x, *m);

@@ -130,6 +130,62 @@ std::vector<at::Tensor> add_layer_norm(at::Tensor h, at::Tensor delta, at::Tenso
   return {sum, out};
 }
 
+// Phi-3's RMSNorm as add_layer_norm takes it: returns {h + delta, w * ((h + delta) * rsqrt(mean((h +
+// delta)^2) + eps))} (normalize, then scale, as models.phi3.RMSNorm in float32). w (d,) float32.
+std::vector<at::Tensor> add_rms_norm(at::Tensor h, at::Tensor delta, at::Tensor w, double eps) {
+  check_rows(h, "add_rms_norm", "h");
+  const int64_t R = h.size(0), d = h.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == d, "add_rms_norm: weight must be float32 (d,)");
+  at::Tensor sum = h;
+  if (delta.numel()) {
+    check_rows(delta, "add_rms_norm", "delta");
+    TORCH_CHECK(delta.sizes() == h.sizes(), "add_rms_norm: h and delta shapes differ");
+    sum = at::empty({R, d}, h.options());
+  }
+  w = w.contiguous();
+  auto out = at::empty({R, d}, h.options());
+  const float* wp = w.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* hr = h.data_ptr<float>() + r * h.stride(0);
+    float* sr = sum.data_ptr<float>() + r * sum.stride(0);
+    if (delta.numel()) {
+      const float* dr = delta.data_ptr<float>() + r * delta.stride(0);
+      for (int64_t i = 0; i < d; ++i) sr[i] = hr[i] + dr[i];
+    }
+    float ms = 0.f;
+    for (int64_t i = 0; i < d; ++i) ms += sr[i] * sr[i];
+    const float rstd = 1.f / std::sqrt(ms / d + static_cast<float>(eps));
+    float* o = out.data_ptr<float>() + r * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = wp[i] * (sr[i] * rstd);
+  }
+  return {sum, out};
+}
+
+// RoPE in place on the first `heads` heads (width head_dim) of each row of x (B, n) float32: the first
+// r = cos.size(1) dims of each head rotate in RoPE's half-split layout (models.phi3.apply_rope):
+// x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. cos, sin (B, r) float32, each row's position.
+void rope_rows(at::Tensor x, int64_t heads, int64_t head_dim, at::Tensor cos, at::Tensor sin) {
+  check_rows(x, "rope_rows", "x");
+  const int64_t B = x.size(0), r = cos.size(-1);
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == B && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat, "rope_rows: cos and sin must be float32 (B, rotary_dim)");
+  TORCH_CHECK(r % 2 == 0 && r <= head_dim && heads * head_dim <= x.size(1), "rope_rows: shapes");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t half = r / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const float *c = cos.data_ptr<float>() + b * r, *s = sin.data_ptr<float>() + b * r;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x.data_ptr<float>() + b * x.stride(0) + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c[i] - x2 * s[i];
+        v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+      }
+    }
+  }
+}
+
 // silu(a) * b for a, b (R, n) -> (R, n): the SwiGLU MLP, the GMU gate, Mamba's output gate.
 at::Tensor silu_mul(at::Tensor a, at::Tensor b) {
   check_rows(a, "silu_mul", "a");

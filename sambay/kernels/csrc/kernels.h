@@ -42,6 +42,8 @@ std::vector<std::string> fast_paths();
 
 // glue.cpp: the element-wise glue of a decode step, fused.
 std::vector<at::Tensor> add_layer_norm(at::Tensor h, at::Tensor delta, at::Tensor w, at::Tensor b, double eps);
+std::vector<at::Tensor> add_rms_norm(at::Tensor h, at::Tensor delta, at::Tensor w, double eps);
+void rope_rows(at::Tensor x, int64_t heads, int64_t head_dim, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor a, at::Tensor b);
 at::Tensor conv_step(at::Tensor x, at::Tensor state, at::Tensor w, at::Tensor b);
 at::Tensor diff_combine(at::Tensor o, double lam, at::Tensor w, double eps, double scale);
@@ -58,9 +60,10 @@ struct Linear {  // a PackedLinear: y = x @ weight.T * scale + bias
   at::Tensor bias;    // (N,) float32, or empty
 };
 
-struct Norm {  // a LayerNorm
-  at::Tensor weight, bias;  // (d,) float32; bias or empty
+struct Norm {  // a LayerNorm, or (rms) Phi-3's RMSNorm: weight * (x * rsqrt(mean(x^2) + eps))
+  at::Tensor weight, bias;  // (d,) float32; bias or empty (always empty for rms)
   double eps = 1e-5;
+  bool rms = false;
 };
 
 struct MambaLayer {
@@ -86,6 +89,7 @@ struct AttentionLayer {
   at::Tensor subln_weight;         // differential attention's sub-layer norm (dv,); empty: plain attention
   double lam = 0, subln_eps = 0, scale = 1;  // differential attention's lambda, norm eps, output scale
   int64_t key_set = 0;             // which of the step's key sets the layer reads
+  int64_t rotary_dim = 0;          // RoPE on the first rotary_dim dims of q and k (the key set's cos/sin); 0: none
 };
 
 struct KeySet {  // what one or more attention layers read this step
@@ -93,6 +97,7 @@ struct KeySet {  // what one or more attention layers read this step
   at::Tensor valid;   // (B, S) bool
   at::Tensor keys;    // (B, G, Hk, S, dk) grouped view, or empty (the layers keep their own)
   at::Tensor values;  // (B, Hk, S, dv) or in column blocks, or empty
+  at::Tensor cos, sin;  // (B, rotary_dim) float32: RoPE at each row's position (Phi3), or empty
 };
 
 struct LayerRecord {  // a decoder layer: norm, mixer, norm, SwiGLU MLP
@@ -113,6 +118,7 @@ class DecodePlan {
   std::vector<LayerRecord> layers_;
 };
 
+std::vector<at::Tensor> norm_step(at::Tensor h, at::Tensor delta, const Norm& norm);
 at::Tensor mlp_step(at::Tensor h, at::Tensor delta, const Norm& norm, const Linear& fc1, const Linear& fc2);
 at::Tensor gmu_step(at::Tensor x, at::Tensor memory, const GmuLayer& layer);
 std::vector<at::Tensor> mamba_step(at::Tensor x, const MambaLayer& layer);
