@@ -34,7 +34,7 @@ VARIANTS = {
 # differs by summation order only; bf16 weights and cache round differently in the native decode
 # attention (float32 query); int8 rounds each GEMV's activations too, which turns those small
 # differences into a few flipped near-ties of this tiny random model (relative error ~0.03).
-BOUNDS = {"float32": (1e-4, 0.99), "bfloat16": (0.02, 0.9), "int8": (0.05, 0.8)}
+BOUNDS = {"float32": (1e-4, 0.99), "bfloat16": (0.02, 0.9), "int8": (0.05, 0.8), "int4": (0.05, 0.8)}
 
 
 class _Recording:
@@ -62,12 +62,12 @@ def random_phi3(weights: str, **changes):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             else:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return prepare_for_inference(model, "int8" if weights == "int8" else None)
+    return prepare_for_inference(model, weights if weights in ("int8", "int4") else None)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
 def test_phi3_native_decode_levels_equal_the_modules(variant, weights):
     """"stack" (one native call per step) and "layers" (a norm, an attention and an MLP block per
     layer) run the same kernels in the same order: the same logits and caches bit for bit. Both, and
