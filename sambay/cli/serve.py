@@ -58,6 +58,13 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     flag("--reasoning-budget", "SAMBAY_REASONING_BUDGET", "the most tokens a reply may think before </think> is "
          "forced and the model answers (0: no thinking; a request's \"reasoning_budget\" overrides it; default: "
          "no limit)", type=int, metavar="N")
+    flag("--prefill-chunk", "SAMBAY_PREFILL_CHUNK", "prompt tokens prefilled per scheduler iteration, "
+         "between two decode steps of the running requests: a long prompt delays each stream by about "
+         "one such chunk per token (smaller: smoother streams, slower prefill)", d.prefill_chunk,
+         type=int, metavar="N")
+    flag("--prefix-cache-mb", "SAMBAY_PREFIX_CACHE_MB", "memory for the prefix-state cache (MiB): a prompt "
+         "starting like an earlier one (a chat's history, a shared system prompt) restores that decode "
+         "state and prefills only the rest; 0 turns it off", d.prefix_cache_mb, type=float, metavar="MB")
     flag("--max-request-bytes", "SAMBAY_MAX_REQUEST_BYTES", "largest request body accepted; more get 413",
          d.max_request_bytes, type=int, metavar="N")
     flag("--shutdown-timeout", "SAMBAY_SHUTDOWN_TIMEOUT", "seconds in-flight requests get to finish on "

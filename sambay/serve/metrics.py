@@ -28,6 +28,8 @@ class Metrics:
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+        self.max_gap = 0.0  # the largest time between two tokens of one stream
+        self.prefix_cache = None  # the engine's PrefixCache once loaded (it counts for itself)
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -45,6 +47,10 @@ class Metrics:
             self._recent.append((now, n))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW:
                 self._recent.popleft()
+
+    def token_gap(self, seconds: float) -> None:
+        with self._lock:
+            self.max_gap = max(self.max_gap, seconds)
 
     def generation_rate(self, now: float) -> float:
         """Generated tokens per second over the last RATE_WINDOW seconds."""
@@ -67,6 +73,8 @@ class Metrics:
             requests = sorted(self.requests.items())
             ttft, ttft_sum = list(self.ttft_counts), self.ttft_sum
             prompt, generation = self.prompt_tokens, self.generation_tokens
+            max_gap, cache = self.max_gap, self.prefix_cache
+        counts = cache.counters() if cache is not None else None
         metric("sambay_requests_total", "counter", "HTTP requests by endpoint and status code.",
                [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in requests])
         metric("sambay_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", prompt)])
@@ -76,6 +84,18 @@ class Metrics:
         metric("sambay_model_loaded", "gauge", "1 once the model is loaded.", [("", int(loaded))])
         metric("sambay_generation_tokens_per_second", "gauge",
                f"Generated tokens per second over the last {RATE_WINDOW:g} s.", [("", float(rate))])
+        metric("sambay_max_inter_token_gap_seconds", "gauge",
+               "The largest time between two consecutive tokens of one stream.", [("", float(max_gap))])
+        if counts is not None:
+            metric("sambay_prefix_cache_hits_total", "counter", "Prompts that restored a cached prefix.",
+                   [("", counts["hits"])])
+            metric("sambay_prefix_cache_misses_total", "counter", "Prompts with no cached prefix.",
+                   [("", counts["misses"])])
+            metric("sambay_prefix_cache_hit_tokens_total", "counter", "Prompt tokens restored, not prefilled.",
+                   [("", counts["hit_tokens"])])
+            metric("sambay_prefix_cache_bytes", "gauge", "Bytes the prefix cache holds.", [("", counts["bytes"])])
+            metric("sambay_prefix_cache_budget_bytes", "gauge", "The prefix cache's budget (--prefix-cache-mb).",
+                   [("", counts["budget"])])
         cumulative = list(itertools.accumulate(ttft))
         metric("sambay_time_to_first_token_seconds", "histogram",
                "Time from a request's arrival to its first generated token.",

@@ -8,9 +8,15 @@ through Jobs.
     async for job, out in outputs_of([job]): ...        # increments; the last has finish_reason
     scheduler.cancel(job)                               # the client went away: free its row
 
-The model is not thread-safe, so everything that touches it (add_request, step, cancel) runs on
-the scheduler thread, between decode steps: a waiting request is prefilled and joins the running
-batch at the next token boundary, and a finished or cancelled one leaves at once. The text layer
+The model is not thread-safe, so everything that touches it (prefill, step, cancel) runs on the
+scheduler thread. Each iteration runs up to `prefill_budget` prompt tokens of the admitted requests'
+prefills (a long prompt a chunk at a time, in a staging row: Engine.begin_request / prefill), then
+one decode step of the running rows, so a long prompt arriving delays each running stream by about
+one chunk per token instead of its whole prefill (chunked prefill, as vLLM's and llama.cpp's). A
+prefilled request joins the batch at the next token boundary; a finished or cancelled one leaves
+at once. Jobs admitted together with the same prompt (the n choices of one request) prefill once:
+the others fork the first one's row (Engine.fork). The engine's prefix cache means a prompt that
+starts like an earlier one prefills only the rest. The text layer
 (incremental detokenizing and stop strings: sambay.runtime.text.RequestText, as in TextStream) runs
 here too, so a stop string frees its row on the very step that produced it. Results go back to the
 event loop in one `call_soon_threadsafe` per step. The counters for GET /metrics are in
@@ -95,6 +101,8 @@ class Job:
         self.request = None
         self.text: RequestText | None = None
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.leader: Job | None = None  # the job whose prefill this one shares (same prompt)
         # Called on the scheduler thread with (engine request, text) after each token, e.g. a
         # thinking budget that queues forced tokens (sambay.serve.reasoning.ThinkingBudget).
         self.on_token: Callable | None = None
@@ -129,11 +137,16 @@ class Scheduler:
 
     load: makes the Engine (called on the scheduler thread, so a slow load never blocks the
     server). max_queue: how many jobs may wait for a row; submit() raises QueueFull beyond that.
-    on_load_error(message) is called (on the thread) if load fails.
+    on_load_error(message) is called (on the thread) if load fails. prefill_budget: prompt tokens
+    prefilled per iteration, between two decode steps.
     """
 
     def __init__(self, load: Callable[[], Engine], max_queue: int, metrics: Metrics | None = None,
-                 on_load_error: Callable[[str], None] | None = None):
+                 on_load_error: Callable[[str], None] | None = None, prefill_budget: int = 256):
+        if prefill_budget < 1:
+            raise SambayError(f"the prefill budget must be at least 1 token, got {prefill_budget}")
+        self.prefill_budget = prefill_budget
+        self._prefilling: list[Job] = []  # admitted, not decoding yet (scheduler thread only)
         self._load = load
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -207,6 +220,7 @@ class Scheduler:
             if self._on_load_error:
                 self._on_load_error(self.load_error)
             return
+        self.metrics.prefix_cache = engine.prefix_cache
         with self._cv:
             self.engine = engine
             if not self._stopping:
@@ -219,7 +233,8 @@ class Scheduler:
         """Admit waiting jobs, drop cancelled ones, run one decode step. False once stopping."""
         engine = self.engine
         with self._cv:
-            while not (self._stopping or self._waiting or self._cancelled or engine.num_active):
+            while not (self._stopping or self._waiting or self._cancelled or engine.num_active
+                       or self._prefilling):
                 self._cv.wait()
             if self._stopping:
                 return False
@@ -234,10 +249,11 @@ class Scheduler:
         for job in cancelled:
             if job.request is not None:
                 engine.cancel(job.request)
+            self._joined(job, outputs, [])  # its followers prefill alone
             finished.append(job)
         try:
-            for job in admitted:
-                self._admit(job, outputs, finished)
+            self._group(admitted)
+            self._prefill(outputs, finished)
             if engine.num_active:
                 self._step(outputs, finished)
         except Exception as e:  # noqa: BLE001 - a bug must not take the server down with it
@@ -247,30 +263,83 @@ class Scheduler:
                 if job not in finished:
                     outputs.append((job, Output(finish_reason="error", error=message, status=500)))
                     finished.append(job)
+            self._prefilling.clear()
             engine.reset()
+            if engine.prefix_cache is not None:  # a failed call may have left rows half-written
+                engine.prefix_cache.clear()
         with self._cv:
             for job in finished:
                 self._running.pop(job.id, None)
         self._deliver(outputs)
         return True
 
-    def _admit(self, job: Job, outputs: list, finished: list) -> None:
+    def _group(self, admitted: list[Job]) -> None:
+        """Queue the admitted jobs for prefill; one with the prompt of a job not decoding yet
+        follows it (forks its row) instead of prefilling."""
+        for job in admitted:
+            job.leader = next((j for j in self._prefilling if j.leader is None and j.prompt_ids == job.prompt_ids),
+                              None)
+            self._prefilling.append(job)
+
+    def _prefill(self, outputs: list, finished: list) -> None:
+        """Spend up to prefill_budget prompt tokens on the jobs waiting for their prefill, in order
+        of arrival; a prompt that fits the rest of the budget is prefilled whole, a longer one is
+        begun and continued in the next iterations."""
+        budget = self.prefill_budget
+        for job in list(self._prefilling):
+            if job.leader is not None or job not in self._prefilling:  # a follower, or forked meanwhile
+                continue
+            if job.request is None:
+                if len(job.prompt_ids) <= budget:
+                    budget -= len(job.prompt_ids)
+                    self._admit(job, outputs, finished, self.engine.add_request)
+                    self._joined(job, outputs, finished)
+                    continue
+                if budget <= 0:
+                    break
+                if not self._admit(job, outputs, finished, self.engine.begin_request):
+                    self._joined(job, outputs, finished)
+                    continue
+            if budget <= 0:
+                break
+            todo = job.request.prefill.remaining
+            if self.engine.prefill(job.request, budget):
+                self._joined(job, outputs, finished)
+            budget -= min(todo, budget)
+
+    def _joined(self, job: Job, outputs: list, finished: list) -> None:
+        """`job` is prefilled, failed or cancelled: it decodes from now on (or is gone), and its
+        followers fork its row (or, without it, prefill alone)."""
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        for other in [j for j in self._prefilling if j.leader is job]:
+            self._prefilling.remove(other)
+            other.leader = None
+            if job.request is None or job.request not in self.engine.active:  # the leader failed
+                self._prefilling.append(other)  # prefill it alone
+                continue
+            self._admit(other, outputs, finished,
+                        lambda prompt, params, request_id: self.engine.fork(job.request, params, request_id))
+
+    def _admit(self, job: Job, outputs: list, finished: list, start: Callable) -> bool:
+        """Start `job` with start(prompt, params, request_id) (add, begin or fork). False if it failed."""
         if job.cancelled:
             finished.append(job)
-            return
+            return False
         try:
-            job.request = self.engine.add_request(job.prompt_ids, job.params, request_id=job.id)
+            job.request = start(job.prompt_ids, job.params, request_id=job.id)
         except SambayError as e:
             outputs.append((job, Output(finish_reason="error", error=str(e), status=400)))
             finished.append(job)
-            return
+            return False
         except Exception as e:  # noqa: BLE001 - fail this request only: add_request joins the batch last
             traceback.print_exc()
             outputs.append((job, Output(finish_reason="error", error=f"internal error while prefilling "
                                                                    f"({type(e).__name__}: {e})", status=500)))
             finished.append(job)
-            return
+            return False
         job.text = RequestText(self.engine.tokenizer, job.params.stop)
+        return True
 
     def _step(self, outputs: list, finished: list) -> None:
         events = self.engine.step()
@@ -280,6 +349,9 @@ class Scheduler:
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.first_token(now - job.arrival, len(job.prompt_ids))
+            else:
+                self.metrics.token_gap(now - job.last_token_at)
+            job.last_token_at = now
             out = self._text(job, ev)
             outputs.append((job, out))
             if out.finish_reason is not None:

@@ -34,6 +34,8 @@ class Settings:
     max_tokens: int | None = None  # None: what the context leaves (reasoning replies are long)
     reasoning_format: str = "auto"  # "auto": <think>...</think> goes to reasoning_content; "none": all is content
     reasoning_budget: int | None = None  # thinking tokens before </think> is forced; None: no limit
+    prefix_cache_mb: float = 512.0  # prefix-state cache budget (MiB); 0 turns it off
+    prefill_chunk: int = 256  # prompt tokens prefilled per scheduler iteration, between decode steps
     max_request_bytes: int = 1 << 20
     shutdown_timeout: float = 10.0
     access_log: bool = True
@@ -41,9 +43,11 @@ class Settings:
 
     def check(self) -> None:
         """Raise SambayError, naming the flag, on a value the server cannot run with."""
-        for name in ("max_batch_size", "max_tokens", "max_request_bytes"):
+        for name in ("max_batch_size", "max_tokens", "max_request_bytes", "prefill_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SambayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache_mb < 0:
+            raise SambayError(f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb}")
         if self.max_queue < 0:
             raise SambayError(f"--max-queue must be 0 or more, got {self.max_queue}")
         if self.max_model_len is not None and self.max_model_len < 2:

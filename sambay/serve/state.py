@@ -37,7 +37,8 @@ class ServerState:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.url = f"http://{host}:{settings.port}"
         self.on_load_error = None  # set by serve(): stops the server
-        self.scheduler = Scheduler(self._load, settings.max_queue, self.metrics, self._load_failed)
+        self.scheduler = Scheduler(self._load, settings.max_queue, self.metrics, self._load_failed,
+                                   prefill_budget=settings.prefill_chunk)
 
     def _load(self) -> Engine:
         """Runs on the scheduler thread: load, size the engine, warm it up."""
@@ -50,9 +51,12 @@ class ServerState:
             raise SambayError(f"--max-model-len {s.max_model_len} is beyond the model's context of {context} "
                               f"tokens; lower it")
         max_len = s.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
-        engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_length=max_len)
+        engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_length=max_len,
+                        prefill_chunk=s.prefill_chunk, prefix_cache_mb=s.prefix_cache_mb)
         stops = text_stop_ids(engine.model, engine.tokenizer)
         engine.run([[stops[0] if stops else 0]], SamplingParams(max_new_tokens=2))  # builds kernels
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.clear()  # the warm-up is nobody's prefix
         self.text_of = TokenText(tokenizer)
         self.info = ModelInfo(tokenizer, model.config.vocab_size, max_len, min(s.max_tokens or max_len, max_len - 1),
                               stops, generation_defaults(model.generation_config))
