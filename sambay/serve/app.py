@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +52,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
 
     app = FastAPI(title="sambay", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.sambay = state
+    app.openapi = lambda: openapi_schema(app)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -113,6 +115,24 @@ def create_app(settings: Settings, state: ServerState | None = None) -> Gate:
         return await run_request(state, request, req, prompts)
 
     return Gate(app, state)
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """GET /openapi.json: FastAPI's schema plus the two POST routes' request bodies, which it cannot
+    see because the handlers parse the body themselves (to answer every error in OpenAI's shape), so
+    that clients and schema-driven tools (schemathesis in tests/test_fuzz.py) know what to send."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+            body = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                            "content": {"application/json": {"schema": ref}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ from sambay.serve.structured import forced_call_grammar, request_grammar
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
+# The smallest temperature and repetition penalty the sampler divides logits by: below it the
+# division overflows to inf and the draw to NaN (a smaller temperature is raised to it, as vLLM
+# does, being greedy in all but name; a smaller penalty is refused).
+MIN_DIVISOR = 0.01
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -128,7 +132,7 @@ class ChatCompletionRequest(_Body):
     # sambay (and vLLM) extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=MIN_DIVISOR)  # divides logits: a tinier one overflows
     ignore_eos: bool = False
     reasoning_budget: int | None = Field(None, ge=-1)  # thinking tokens before </think> is forced; -1: no limit
 
@@ -155,7 +159,7 @@ class CompletionRequest(_Body):
     # sambay (and vLLM) extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=MIN_DIVISOR)  # divides logits: a tinier one overflows
     ignore_eos: bool = False
 
 
@@ -304,7 +308,7 @@ def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> Sampli
 
     top_k = pick("top_k", 0)
     params = SamplingParams(
-        max_new_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(int(top_k), 0),
+        max_new_tokens=max_tokens, temperature=_temperature(pick("temperature", 1.0)), top_k=max(int(top_k), 0),
         top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
         repetition_penalty=float(pick("repetition_penalty", 1.0)),
         presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
@@ -314,6 +318,11 @@ def sampling_params(req: AnyRequest, prompt_len: int, info: ModelInfo) -> Sampli
         return params.validate()
     except SambayError as e:
         raise APIError(400, str(e)) from None
+
+
+def _temperature(value: float) -> float:
+    """0 stays greedy; a positive temperature below MIN_DIVISOR is raised to it."""
+    return float(value) if value <= 0 else max(float(value), MIN_DIVISOR)
 
 
 def _response_grammar(req: ChatCompletionRequest, info: ModelInfo) -> Any:
