@@ -19,7 +19,7 @@ import re
 from sambay.bench.decode import bench_decode
 from sambay.bench.generation import DEFAULT_MODELS, bench_generation, bench_memory
 from sambay.bench.prefill import bench_prefill
-from sambay.bench.serve import bench_serve
+from sambay.bench.serve import bench_scenarios, bench_serve
 from sambay.errors import SambayError
 
 # The `sambay serve` flags `bench serve` passes on to the server it starts (None: the server's default,
@@ -69,6 +69,19 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
     s.add_argument("--max-model-len", type=int, metavar="N", help="tokens per request, prompt + completion")
     s.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="the server's CPU threads (same as `sambay --threads N bench serve`)")
+    s.add_argument("--scenarios", action="store_true",
+                   help="instead of --clients: (1) a --prompt-tokens prompt arriving while 4 streams decode, "
+                        "each stream's largest gap with --prefill-chunk and with the prompt prefilled whole; "
+                        "(2) a chat's second turn over --history-tokens, time to first token with the prefix "
+                        "cache and without; (3) n = 4 against n = 1")
+    s.add_argument("--prompt-tokens", type=int, default=4096, metavar="N",
+                   help="--scenarios: the long prompt (default 4096; at most the context less 2)")
+    s.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="--scenarios: the server's --prefill-chunk in scenario 1 (default 256)")
+    s.add_argument("--history-tokens", type=int, default=2000, metavar="N",
+                   help="--scenarios: the chat's first message (default 2000)")
+    s.add_argument("--prefix-cache-mb", type=float, default=512.0, metavar="MB",
+                   help="--scenarios: the server's prefix cache where it is on (default 512)")
     s.set_defaults(func=run_serve)
 
     g = bsub.add_parser(
@@ -150,6 +163,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.url and given:
         raise SambayError(f"{', '.join(given)} only set up the server that bench serve starts, but --url "
                           f"measures a running server as it is; drop {', '.join(given)} or drop --url")
+    if args.scenarios:
+        if args.url:
+            raise SambayError("--scenarios starts its own servers (with and without the prefix cache); drop --url")
+        for flag in ("prompt_tokens", "prefill_chunk", "history_tokens"):
+            if getattr(args, flag) < 1:
+                raise SambayError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        bench_scenarios(serve_args=serve_args(args), prompt_tokens=args.prompt_tokens, chunk=args.prefill_chunk,
+                        history_tokens=args.history_tokens, cache_mb=args.prefix_cache_mb, api_key=args.api_key)
+        return 0
     bench_serve(url=args.url, serve_args=[] if args.url else serve_args(args), clients=clients,
                 tokens=args.tokens, api_key=args.api_key)
     return 0
