@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from sambay.bench.serve import wait_ready
-from test_server import Server, post, request, tiny_folder, wait_idle
+from test_server import post, request, wait_idle
+from test_server_load import server  # noqa: F401 - the same tiny server fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is built in-process on one thread
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "load-test"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tiny_folder(tmp_path_factory), tmp_path_factory.mktemp("load") / "server.log",
-               "--served-model-name", "tiny", "--max-batch-size", "8", "--max-queue", "64",
-               "--max-model-len", "256", "--no-access-log")
-    wait_ready(s.url, proc=s.proc)
-    yield s
-    assert s.stop() == 0, s.log.read_text()[-3000:]
 
 
 @pytest.mark.slow

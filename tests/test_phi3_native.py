@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sambay
+from decoding import Recording, decoder
 from sambay import ops
 from sambay.kernels import NativeOps, prepare_for_inference
 from sambay.kernels import native as kernels
@@ -37,21 +38,6 @@ VARIANTS = {
 BOUNDS = {"float32": (1e-4, 0.99), "bfloat16": (0.02, 0.9), "int8": (0.05, 0.8), "int4": (0.05, 0.8)}
 
 
-class _Recording:
-    """The native library, noting the name of every decode-block function called through it."""
-
-    NAMES = ("norm_step", "mlp_step", "attention_step", "decode_layers")
-
-    def __init__(self, lib, calls: list):
-        self._lib, self._calls = lib, calls
-
-    def __getattr__(self, name):
-        fn = getattr(self._lib, name)
-        if name not in self.NAMES:
-            return fn
-        return lambda *a: self._calls.append(name) or fn(*a)
-
-
 def random_phi3(weights: str, **changes):
     dtype = torch.float32 if weights == "float32" else torch.bfloat16
     model = sambay.build_model(preset("tiny-phi3").replace(**changes), dtype=dtype, seed=0)
@@ -80,17 +66,10 @@ def test_phi3_native_decode_levels_equal_the_modules(variant, weights):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     calls = []
-    lib = _Recording(kernels.library(), calls)
+    lib = Recording(kernels.library(), calls, ("norm_step", "mlp_step", "attention_step", "decode_layers"))
     layers_n, steps = model.config.num_hidden_layers, 14
 
-    def decode(level: str | None):
-        calls.clear()
-        model.ops = ops.TORCH if level is None else NativeOps(lib, level)
-        state = model.new_state(3, 25)
-        out = [model(ids[:, :10], attention_mask=mask[:, :10], state=state)]
-        # the decode steps on a view of the rows, as the engine makes them (a new view every step)
-        out += [model(ids[:, t:t + 1], state=state.rows(slice(0, 3))) for t in range(10, 24)]
-        return torch.cat(out, 1), state
+    decode = decoder(model, ids, mask, lib, calls)
 
     ref, ref_state = decode(None)
     op_by_op, _ = decode("ops")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sambay
+from decoding import Recording, decoder
 from conftest import GOLDEN as GOLDEN_DIR
 from sambay import ops
 from sambay.kernels import native as kernels
@@ -260,21 +261,6 @@ BLOCK_VARIANTS = {"tiny": {}, "no-differential": {"differential_attention": Fals
                   "mamba-biases": {"mamba_proj_bias": True, "mamba_conv_bias": False}}
 
 
-class _Recording:
-    """The native library, noting the name of every decode-block function called through it."""
-
-    NAMES = ("mlp_step", "gmu_step", "mamba_step", "attention_step", "decode_layers")
-
-    def __init__(self, lib, calls: list):
-        self._lib, self._calls = lib, calls
-
-    def __getattr__(self, name):
-        fn = getattr(self._lib, name)
-        if name not in self.NAMES:
-            return fn
-        return lambda *a: self._calls.append(name) or fn(*a)
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("variant", BLOCK_VARIANTS)
 @pytest.mark.parametrize("int8", [False, True])
@@ -298,16 +284,9 @@ def test_native_decode_levels_equal_the_modules(variant, int8):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     calls = []
-    lib = _Recording(kernels.library(), calls)
+    lib = Recording(kernels.library(), calls, ("mlp_step", "gmu_step", "mamba_step", "attention_step", "decode_layers"))
 
-    def decode(level: str | None):
-        calls.clear()
-        model.ops = ops.TORCH if level is None else NativeOps(lib, level)
-        state = model.new_state(3, 25)
-        out = [model(ids[:, :10], attention_mask=mask[:, :10], state=state)]
-        # the decode steps on a view of the rows, as the engine makes them (a new view every step)
-        out += [model(ids[:, t:t + 1], state=state.rows(slice(0, 3))) for t in range(10, 24)]
-        return torch.cat(out, 1), state
+    decode = decoder(model, ids, mask, lib, calls)
 
     ref, _ = decode(None)
     op_by_op, _ = decode("ops")
