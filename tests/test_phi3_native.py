@@ -7,7 +7,6 @@ import torch
 
 import sambay
 from decoding import Recording, decoder
-from sambay import ops
 from sambay.kernels import NativeOps, prepare_for_inference
 from sambay.kernels import native as kernels
 from sambay.models import preset
